@@ -1,0 +1,238 @@
+"""The composition root: compile Settings into runtime objects once, and handle requests with them.
+
+`Gateway` is one compiled config (routes, verifiers, key caches); a SIGHUP builds a new one and swaps it in
+whole, so a request sees either the old config or the new, never a mix. `Runtime` holds what outlives a reload:
+the HTTP client session, metrics, background tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from gateway import bearer, errors, proxy
+from gateway.config import (
+    GATEWAY_ISSUER_NAME,
+    IssuerSettings,
+    RouteSettings,
+    Settings,
+    StaticKey,
+    TokenLocation,
+)
+from gateway.identity import Identity
+from gateway.metrics import Metrics
+from gateway.routing import Matcher, RouteTable
+from gateway.signing import Signer
+from gateway.verify import Judge
+from gateway.verify.cache import TokenCache
+from gateway.verify.jwks import IssuerKeys
+from gateway.verify.jwt_local import JwtVerifier, Verified
+from gateway.verify.keys import KeySet, VerificationKey, from_pem_file
+from gateway.verify.policy import RoutePolicy
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("gateway.access")
+REALM = "gateway"
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    name: str
+    judge: Judge | None  # None: auth mode none
+    token: TokenLocation
+    max_token_bytes: int
+    upstream: proxy.Upstream
+
+
+@dataclass
+class Gateway:
+    """One compiled configuration."""
+
+    settings: Settings
+    routes: RouteTable[Route]
+    issuers: dict[str, IssuerKeys]
+    signer: Signer | None
+
+    def not_ready(self) -> list[str]:
+        return [f"issuer {name} has no keys" for name, keys in self.issuers.items() if not keys.ready]
+
+
+@dataclass
+class Runtime:
+    """What outlives a reload; created once per process."""
+
+    metrics: Metrics
+    session: aiohttp.ClientSession
+    gateway: Gateway | None = None
+    draining: bool = False
+    refreshers: dict[int, asyncio.Task[None]] = field(default_factory=dict)
+
+    async def install(self, gateway: Gateway) -> None:
+        """Fetch keys the new config has not got yet, swap it in, and move the background refreshers over."""
+        fresh = [keys for keys in gateway.issuers.values() if id(keys) not in self.refreshers]
+        await asyncio.gather(*(keys.refresh() for keys in fresh if not keys.ready))
+        self.gateway = gateway
+        wanted = {id(keys): keys for keys in gateway.issuers.values()}
+        for key_id in list(self.refreshers):
+            if key_id not in wanted:
+                self.refreshers.pop(key_id).cancel()
+        for key_id, keys in wanted.items():
+            if key_id not in self.refreshers:
+                self.refreshers[key_id] = asyncio.create_task(keys.run_refresher(), name=f"jwks:{keys.settings.name}")
+
+    async def close(self) -> None:
+        for task in self.refreshers.values():
+            task.cancel()
+        await asyncio.gather(*self.refreshers.values(), return_exceptions=True)
+        self.refreshers.clear()
+        await self.session.close()
+
+
+def build_gateway(settings: Settings, runtime: Runtime, previous: Gateway | None = None) -> Gateway:
+    """Compile settings; key caches whose issuer settings did not change are carried over with their keys."""
+    signer = Signer.from_files(settings.tokens.key_files) if settings.tokens else None
+    issuer_settings = list(settings.issuers)
+    if settings.tokens is not None:
+        issuer_settings.append(own_issuer_settings(settings))
+    issuers: dict[str, IssuerKeys] = {}
+    for issuer in issuer_settings:
+        old = previous.issuers.get(issuer.name) if previous else None
+        if old is not None and old.settings == issuer and issuer.name != GATEWAY_ISSUER_NAME:
+            issuers[issuer.name] = old
+        else:
+            issuers[issuer.name] = _issuer_keys(issuer, runtime, signer)
+    own = settings.tokens.issuer if settings.tokens else None
+    verifier = JwtVerifier(issuers, TokenCache[Verified](settings.cache.verified_tokens, runtime.metrics), own)
+    table = RouteTable([(Matcher.compile(r.match), _route(r, verifier)) for r in settings.routes])
+    return Gateway(settings=settings, routes=table, issuers=issuers, signer=signer)
+
+
+def own_issuer_settings(settings: Settings) -> IssuerSettings:
+    """The gateway trusts the tokens it mints without further config."""
+    assert settings.tokens is not None  # noqa: S101 - callers check
+    return IssuerSettings(
+        name=GATEWAY_ISSUER_NAME,
+        issuer=settings.tokens.issuer,
+        keys=tuple(StaticKey(pem_file=path) for path in settings.tokens.key_files),
+        audiences=settings.tokens.audiences,
+        algorithms=("ES256", "RS256", "EdDSA"),
+        long_lived_after=0,
+    )
+
+
+def _issuer_keys(issuer: IssuerSettings, runtime: Runtime, signer: Signer | None) -> IssuerKeys:
+    if issuer.name == GATEWAY_ISSUER_NAME and signer is not None:
+        static: KeySet | None = signer.key_set()
+    elif issuer.keys:
+        static = KeySet(from_pem_file(k.pem_file, k.kid) for k in issuer.keys)
+    elif issuer.hmac_secret_env:
+        secret = os.environ.get(issuer.hmac_secret_env, "")
+        if len(secret) < 32:
+            raise ValueError(f"issuer {issuer.name}: {issuer.hmac_secret_env} must hold a secret of 32+ bytes")
+        static = KeySet([VerificationKey(kid=None, key=secret.encode(), algorithms=frozenset(issuer.algorithms))])
+    else:
+        static = None
+    return IssuerKeys(issuer, None if static else runtime.session, runtime.metrics, static=static)
+
+
+def _route(settings: RouteSettings, verifier: JwtVerifier) -> Route:
+    auth = settings.auth
+    judge = None
+    if auth.mode != "none":
+        policy = RoutePolicy.build(auth.required_scopes, auth.required_claims)
+        judge = Judge(verifier=verifier, issuers=frozenset(auth.issuers), policy=policy)
+    return Route(
+        name=settings.name,
+        judge=judge,
+        token=auth.token,
+        max_token_bytes=auth.max_token_bytes,
+        upstream=proxy.Upstream.compile(settings),
+    )
+
+
+class Handler:
+    """The proxy listener's request handler: match, extract, judge, forward — and account for it."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.metrics = runtime.metrics
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        gateway = self.runtime.gateway
+        assert gateway is not None  # noqa: S101 - installed before the listener starts
+        started = time.perf_counter()
+        route_name = "unmatched"
+        identity: Identity | None = None
+        reason = ""
+        try:
+            route = gateway.routes.match(request.method, request.host, request.path)
+            route_name = route.name
+            if route.judge is not None:
+                identity = await self._judge(request, route)
+            response = await proxy.forward(request, self.runtime.session, route.upstream, identity)
+        except errors.GatewayError as exc:
+            reason = exc.reason
+            response = error_response(exc)
+        except Exception:
+            if isinstance(request.transport, asyncio.Transport) and request.transport.is_closing():
+                raise  # the client went away mid-answer; nothing left to tell it
+            log.exception("unexpected error", extra={"route": route_name})
+            reason = "internal"
+            response = error_response(errors.GatewayError())
+        elapsed = time.perf_counter() - started
+        self.metrics.http_requests.labels(route_name, request.method, str(response.status)).inc()
+        self.metrics.http_duration.labels(route_name).observe(elapsed)
+        if gateway.settings.log.access:
+            _log_access(request, route_name, response.status, elapsed, identity, reason)
+        return response
+
+    async def _judge(self, request: web.BaseRequest, route: Route) -> Identity:
+        assert route.judge is not None  # noqa: S101 - callers check
+        try:
+            token = bearer.extract(request, route.token, route.max_token_bytes)
+            identity = await route.judge.judge(token)
+        except errors.GatewayError as exc:
+            outcome = "error" if exc.status >= 500 else "deny"
+            self.metrics.auth_decisions.labels(route.name, outcome, exc.reason).inc()
+            raise
+        self.metrics.auth_decisions.labels(route.name, "allow", "ok").inc()
+        return identity
+
+
+def error_response(exc: errors.GatewayError) -> web.Response:
+    return web.json_response(exc.body(), status=exc.status, headers=exc.headers(REALM))
+
+
+def _log_access(
+    request: web.BaseRequest, route: str, status: int, elapsed: float, identity: Identity | None, reason: str
+) -> None:
+    fields: dict[str, Any] = {
+        "route": route,
+        "method": request.method,
+        "path": request.path,  # never the query string: a route may carry its token there
+        "status": status,
+        "duration_ms": round(elapsed * 1000, 3),
+        "client": request.remote,
+    }
+    if identity is not None:
+        fields.update(subject=identity.subject, jti=identity.token_id, issuer=identity.issuer)
+    if reason:
+        fields["reason"] = reason
+    access_log.info("request", extra=fields)
+
+
+def readiness(runtime: Runtime) -> tuple[bool, Mapping[str, Any]]:
+    problems = ["draining"] if runtime.draining else []
+    if runtime.gateway is None:
+        problems.append("no configuration loaded")
+    else:
+        problems += runtime.gateway.not_ready()
+    return not problems, {"ready": not problems, "problems": problems}

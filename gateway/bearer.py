@@ -1,0 +1,57 @@
+"""Find the credential in a request (RFC 6750 §2): Authorization header, or per route a header, cookie or query.
+
+"Absent" (401, no error code) is kept apart from "malformed" (400 invalid_request), and an oversized token is
+refused before anything parses it.
+"""
+
+from __future__ import annotations
+
+import re
+
+from aiohttp import web
+
+from gateway import errors
+from gateway.config import TokenLocation
+
+# RFC 6750 §2.1 b64token: the characters a bearer token may contain.
+_B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+
+
+def extract(request: web.BaseRequest, location: TokenLocation, max_bytes: int) -> str:
+    """Return the token; raise MissingToken, InvalidRequest or TokenTooLarge."""
+    if location.source == "authorization":
+        token = _from_authorization(request)
+    elif location.source == "header":
+        token = _single(request.headers.getall(location.name or "", []), f"the {location.name} header")
+        if token is not None and token[:7].lower() == "bearer ":
+            token = token[7:].lstrip(" ")
+    elif location.source == "cookie":
+        token = request.cookies.get(location.name or "")
+    else:
+        token = _single(request.query.getall(location.name or "", []), f"the {location.name} query parameter")
+    if not token:
+        raise errors.MissingToken()
+    if len(token) > max_bytes:
+        raise errors.TokenTooLarge()
+    if not _B64TOKEN.fullmatch(token):
+        raise errors.InvalidRequest("the bearer token contains characters a token cannot have")
+    return token
+
+
+def _from_authorization(request: web.BaseRequest) -> str | None:
+    value = _single(request.headers.getall("Authorization", []), "the Authorization header")
+    if value is None:
+        return None
+    scheme, _, credentials = value.partition(" ")
+    if scheme.lower() != "bearer":
+        return None  # another scheme (Basic, ...) carries no bearer token: 401 with a Bearer challenge
+    credentials = credentials.strip(" ")
+    if not credentials:
+        raise errors.InvalidRequest("the Authorization header has no token after Bearer")
+    return credentials
+
+
+def _single(values: list[str], what: str) -> str | None:
+    if len(values) > 1:
+        raise errors.InvalidRequest(f"{what} appears more than once")
+    return values[0] if values else None

@@ -1,0 +1,174 @@
+"""Load a YAML config file into `Settings`: interpolate ${ENV}, validate, resolve every cross-reference.
+
+Every error names the file, the path inside it (`routes[2].auth.issuers[0]`) and what was expected.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from gateway.config import GATEWAY_ISSUER_NAME, Settings
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+# Fields holding file paths: relative ones are read relative to the config file, not the working directory.
+_PATH_FIELDS = {"pem_file", "signing_key_file", "client_secret_file"}
+_PATH_LIST_FIELDS = {"signing_key_files"}
+
+
+class ConfigError(Exception):
+    """The config file is invalid; `problems` lists each as 'path: what was expected'."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__("\n".join(f"{source}: {p}" for p in problems))
+
+
+def load(path: str | Path, env: Mapping[str, str] | None = None) -> Settings:
+    """Read, interpolate and validate the config file at `path`."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(path), [f"cannot read the file: {exc.strerror}"]) from None
+    return loads(text, source=str(path), base_dir=path.parent, env=env)
+
+
+def loads(
+    text: str, source: str = "<config>", base_dir: Path | None = None, env: Mapping[str, str] | None = None
+) -> Settings:
+    """Validate config text; `base_dir` anchors relative file paths."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(source, [f"{where}not valid YAML ({getattr(exc, 'problem', exc)})"]) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(source, ["(top level): expected a mapping of sections (listen, issuers, routes, ...)"])
+    problems: list[str] = []
+    data = _interpolate(raw, "", os.environ if env is None else env, problems)
+    if base_dir is not None:
+        _anchor_paths(data, base_dir)
+    if problems:
+        raise ConfigError(source, problems)
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(source, [_describe(err) for err in exc.errors()]) from None
+    problems = list(cross_reference_problems(settings))
+    if problems:
+        raise ConfigError(source, problems)
+    return settings
+
+
+def _interpolate(node: Any, path: str, env: Mapping[str, str], problems: list[str]) -> Any:
+    if isinstance(node, dict):
+        return {k: _interpolate(v, _join(path, str(k)), env, problems) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_interpolate(v, f"{path}[{i}]", env, problems) for i, v in enumerate(node)]
+    if not isinstance(node, str) or "${" not in node:
+        return node
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in env and (env[name] or default is None):
+            return env[name]
+        if default is not None:
+            return default
+        problems.append(f"{path}: environment variable {name} is not set (use ${{{name}:-default}} for a default)")
+        return ""
+
+    return _ENV_REF.sub(substitute, node)
+
+
+def _anchor_paths(node: Any, base_dir: Path) -> None:
+    if isinstance(node, list):
+        for item in node:
+            _anchor_paths(item, base_dir)
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            if key in _PATH_FIELDS and isinstance(value, str) and value:
+                node[key] = str(base_dir / value)
+            elif key in _PATH_LIST_FIELDS and isinstance(value, list):
+                node[key] = [str(base_dir / v) if isinstance(v, str) else v for v in value]
+            else:
+                _anchor_paths(value, base_dir)
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _describe(error: Any) -> str:
+    path = ""
+    for part in error["loc"]:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif not str(part).startswith(("function-", "tagged-union", "literal[")):
+            path = _join(path, str(part))
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown field (check the spelling)"
+    elif error["type"] == "missing":
+        message = "required field is missing"
+    return f"{path or '(top level)'}: {message}"
+
+
+def cross_reference_problems(settings: Settings) -> Iterator[str]:
+    """Names that point nowhere, duplicates, and files that do not exist."""
+    issuer_names = {i.name for i in settings.issuers}
+    introspection_names = {i.name for i in settings.introspection}
+    if settings.tokens is not None:
+        if GATEWAY_ISSUER_NAME in issuer_names:
+            yield f"issuers: the name '{GATEWAY_ISSUER_NAME}' is reserved for the gateway's own issuer (tokens:)"
+        issuer_names.add(GATEWAY_ISSUER_NAME)
+    for section, names in (
+        ("issuers", [i.name for i in settings.issuers]),
+        ("introspection", [i.name for i in settings.introspection]),
+        ("routes", [r.name for r in settings.routes]),
+    ):
+        seen: set[str] = set()
+        for index, name in enumerate(names):
+            if name in seen:
+                yield f"{section}[{index}].name: '{name}' is used twice; names must be unique"
+            seen.add(name)
+    for index, route in enumerate(settings.routes):
+        where = f"routes[{index}].auth"
+        auth = route.auth
+        for i, name in enumerate(auth.issuers):
+            if name not in issuer_names:
+                yield f"{where}.issuers[{i}]: unknown issuer '{name}' (known: {_known(issuer_names)})"
+        if auth.introspection is not None and auth.introspection not in introspection_names:
+            yield (
+                f"{where}.introspection: unknown introspection endpoint '{auth.introspection}' "
+                f"(known: {_known(introspection_names)})"
+            )
+        if auth.mode in ("jwt", "jwt_or_introspect") and not auth.issuers:
+            yield f"{where}.issuers: mode {auth.mode} needs at least one issuer"
+        if auth.mode in ("introspect", "jwt_or_introspect") and auth.introspection is None:
+            yield f"{where}.introspection: mode {auth.mode} needs an introspection endpoint"
+        if auth.mode == "none" and (auth.issuers or auth.required_scopes or auth.required_claims):
+            yield f"{where}: mode none checks no token; remove issuers, required_scopes and required_claims"
+        if auth.mode == "none" and route.forward.identity_headers:
+            yield f"routes[{index}].forward.identity_headers: mode none has no identity to forward"
+    for index, issuer in enumerate(settings.issuers):
+        for k, key in enumerate(issuer.keys):
+            if not os.path.isfile(key.pem_file):
+                yield f"issuers[{index}].keys[{k}].pem_file: no such file {key.pem_file}"
+    if settings.tokens is not None:
+        for k, key_file in enumerate(settings.tokens.key_files):
+            if not os.path.isfile(key_file):
+                field = "signing_key_file" if settings.tokens.signing_key_file else f"signing_key_files[{k}]"
+                yield f"tokens.{field}: no such file {key_file} (create one with: gateway keys generate --out FILE)"
+
+
+def _known(names: set[str]) -> str:
+    return ", ".join(sorted(names)) or "none configured"

@@ -1,0 +1,44 @@
+"""Who a verified token speaks for: the result of judging a token, whichever way it was judged."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Source = Literal["jwt", "introspection"]
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    subject: str | None
+    scopes: frozenset[str]
+    claims: Mapping[str, Any]
+    issuer: str  # the issuer's or introspection endpoint's configured name
+    source: Source
+    token_id: str | None = None  # jti
+    expires_at: float | None = None
+    issued_at: float | None = None
+    long_lived: bool = False
+    key_id: str | None = field(default=None, compare=False)
+
+    def claim_text(self, name: str) -> str | None:
+        """A claim rendered for a header: lists joined with spaces, scalars as text, absent as None."""
+        value = self.claims.get(name)
+        if value is None:
+            return None
+        if isinstance(value, list | tuple):
+            return " ".join(str(v) for v in value)
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        return str(value)
+
+
+def scopes_of(claims: Mapping[str, Any]) -> frozenset[str]:
+    """Scopes from `scope` (space-separated, RFC 8693/9068) or `scp` (a list, or a string)."""
+    value = claims.get("scope", claims.get("scp"))
+    if isinstance(value, str):
+        return frozenset(value.split())
+    if isinstance(value, list | tuple):
+        return frozenset(str(v) for v in value)
+    return frozenset()

@@ -1,0 +1,97 @@
+"""Match a request to a route: host, exact path / prefix / glob, and method; first match in file order wins."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from gateway import errors
+from gateway.config import MatchSettings
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Matcher:
+    host: re.Pattern[str] | None
+    path: re.Pattern[str]
+    methods: frozenset[str]
+
+    @classmethod
+    def compile(cls, match: MatchSettings) -> Matcher:
+        return cls(
+            host=_host_pattern(match.host) if match.host else None,
+            path=_path_pattern(match),
+            methods=frozenset(match.methods),
+        )
+
+    def matches(self, method: str, host: str, path: str) -> bool:
+        if self.methods and method not in self.methods:
+            return False
+        if self.host is not None and not self.host.fullmatch(host):
+            return False
+        return self.path.fullmatch(path) is not None
+
+
+class RouteTable(Generic[T]):
+    """Routes in file order; `match` returns the first whose matcher accepts the request."""
+
+    def __init__(self, entries: Sequence[tuple[Matcher, T]]) -> None:
+        self._entries = tuple(entries)
+
+    def match(self, method: str, host: str, path: str) -> T:
+        """Raise InvalidRequest for a path with dot segments, NoRoute when nothing matches."""
+        if "/." in path and any(seg in (".", "..") for seg in path.split("/")):
+            # Matching /public/../admin against /public would let the upstream resolve it to /admin.
+            raise errors.InvalidRequest("the path contains . or .. segments")
+        host = _bare_host(host)
+        for matcher, value in self._entries:
+            if matcher.matches(method, host, path):
+                return value
+        raise errors.NoRoute()
+
+
+def _bare_host(host: str) -> str:
+    host = host.lower()
+    if host.startswith("["):  # [::1]:8080
+        return host[: host.find("]") + 1]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _host_pattern(host: str) -> re.Pattern[str]:
+    host = host.lower()
+    if host.startswith("*."):
+        return re.compile(r"[^.]+(?:\.[^.]+)*" + re.escape(host[1:]))
+    return re.compile(re.escape(host))
+
+
+def _path_pattern(match: MatchSettings) -> re.Pattern[str]:
+    if match.path is not None:
+        return re.compile(re.escape(match.path))
+    if match.path_prefix is not None:
+        prefix = match.path_prefix.rstrip("/")
+        # Segment boundary: /orders matches /orders and /orders/1, not /ordersx.
+        return re.compile(re.escape(prefix) + r"(?:/.*)?" if prefix else r"/.*")
+    assert match.path_glob is not None  # noqa: S101 - guaranteed by MatchSettings validation
+    return re.compile(_glob_to_regex(match.path_glob))
+
+
+def _glob_to_regex(glob: str) -> str:
+    out = []
+    i = 0
+    while i < len(glob):
+        if glob.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif glob[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif glob[i] == "?":
+            out.append("[^/]")
+            i += 1
+        else:
+            out.append(re.escape(glob[i]))
+            i += 1
+    return "".join(out)

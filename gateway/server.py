@@ -1,0 +1,165 @@
+"""Run the gateway: the proxy and admin listeners, SIGTERM (drain, then exit) and SIGHUP (reload)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway import configfile
+from gateway.app import Handler, Runtime, build_gateway, readiness
+from gateway.config import Settings
+from gateway.metrics import Metrics
+
+log = logging.getLogger(__name__)
+RUNTIME = web.AppKey("runtime", Runtime)
+
+
+@dataclass
+class Listening:
+    """Where the listeners ended up (port 0 picks a free one: tests and the demo need the real numbers)."""
+
+    proxy_port: int
+    admin_port: int
+
+
+def new_session() -> aiohttp.ClientSession:
+    # auto_decompress off: bodies pass through byte for byte; cookies are the client's business, not ours.
+    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=60, keepalive_timeout=30)
+    return aiohttp.ClientSession(
+        connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(), trust_env=False
+    )
+
+
+def admin_app(runtime: Runtime) -> web.Application:
+    app = web.Application()
+    app[RUNTIME] = runtime
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    return app
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[RUNTIME].metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    ready, detail = readiness(request.app[RUNTIME])
+    return web.json_response(detail, status=200 if ready else 503)
+
+
+class Server:
+    """One gateway process: start, reload on demand, drain and stop."""
+
+    def __init__(self, settings: Settings, config_path: Path | None = None, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.config_path = config_path
+        self.metrics = metrics or Metrics()
+        self.runtime: Runtime | None = None
+        self._runners: list[web.BaseRunner] = []
+        self._stopping = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
+
+    async def start(self) -> Listening:
+        runtime = Runtime(metrics=self.metrics, session=new_session())
+        self.runtime = runtime
+        await runtime.install(build_gateway(self.settings, runtime))
+        listen = self.settings.listen
+        proxy_server = web.Server(
+            Handler(runtime),
+            handler_cancellation=True,
+            max_field_size=listen.max_header_bytes,
+            access_log=None,
+        )
+        proxy_runner = web.ServerRunner(proxy_server, shutdown_timeout=listen.drain_timeout)
+        admin_runner = web.AppRunner(admin_app(runtime), access_log=None)
+        for runner in (proxy_runner, admin_runner):
+            await runner.setup()
+            self._runners.append(runner)
+        proxy_site = web.TCPSite(proxy_runner, listen.host, listen.port, reuse_port=True)
+        admin_site = web.TCPSite(admin_runner, self.settings.admin.host, self.settings.admin.port)
+        await proxy_site.start()
+        await admin_site.start()
+        ports = Listening(_port(proxy_runner), _port(admin_runner))
+        log.info("gateway listening", extra={"proxy_port": ports.proxy_port, "admin_port": ports.admin_port})
+        return ports
+
+    async def reload(self) -> bool:
+        """Re-read the config file; a valid one is swapped in whole, an invalid one changes nothing."""
+        assert self.runtime is not None and self.config_path is not None  # noqa: S101 - only after start()
+        async with self._reload_lock:
+            try:
+                settings = configfile.load(self.config_path)
+                gateway = build_gateway(settings, self.runtime, previous=self.runtime.gateway)
+            except (configfile.ConfigError, OSError, ValueError) as exc:
+                self.metrics.config_reloads.labels("failure").inc()
+                log.error("config reload refused; the previous config keeps serving", extra={"error": str(exc)})
+                return False
+            if (settings.listen, settings.admin, settings.store) != (
+                self.settings.listen,
+                self.settings.admin,
+                self.settings.store,
+            ):
+                log.warning("listen, admin and store changes take effect only after a restart")
+            await self.runtime.install(gateway)
+            self.metrics.config_reloads.labels("success").inc()
+            log.info("config reloaded", extra={"routes": len(settings.routes)})
+            return True
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def wait(self) -> None:
+        await self._stopping.wait()
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish (up to drain_timeout), then close everything."""
+        if self.runtime is not None:
+            self.runtime.draining = True
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+        self._runners.clear()
+        if self.runtime is not None:
+            await self.runtime.close()
+
+
+def _port(runner: web.BaseRunner) -> int:
+    for address in runner.addresses:
+        return int(address[1])
+    raise RuntimeError("the listener has no address")
+
+
+async def serve(settings: Settings, config_path: Path | None) -> None:
+    """Run until SIGTERM or SIGINT; SIGHUP reloads."""
+    server = Server(settings, config_path)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    reloads: set[asyncio.Task[bool]] = set()
+
+    def on_hup() -> None:
+        if config_path is None:
+            log.warning("SIGHUP ignored: no config file to reload")
+            return
+        task = loop.create_task(server.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGTERM, server.request_stop)
+    loop.add_signal_handler(signal.SIGINT, server.request_stop)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    await server.wait()
+    log.info("stopping: draining in-flight requests", extra={"drain_timeout_s": settings.listen.drain_timeout})
+    await server.stop()
+    log.info("stopped")

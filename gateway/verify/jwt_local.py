@@ -1,0 +1,191 @@
+"""Local JWT verification (RFC 7519, RFC 9068 profile): signature against the issuer's keys, then the claims.
+
+The token's `iss` picks the issuer among those the route accepts; the issuer's allowlist pins `alg`; the key's
+type must fit `alg`. A token that is not a JWT, or names an issuer the route does not know, is `NotMine`:
+jwt_or_introspect then asks introspection, jwt mode refuses it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+
+from gateway import errors
+from gateway.identity import Identity, scopes_of
+from gateway.verify.cache import TokenCache, token_digest
+from gateway.verify.jwks import IssuerKeys
+
+
+class NotMine(Exception):
+    """The token is not a JWT from one of the route's issuers; `error` is what jwt-only mode answers."""
+
+    def __init__(self, error: errors.AuthError) -> None:
+        self.error = error
+        super().__init__(error.reason)
+
+
+@dataclass(frozen=True, slots=True)
+class Verified:
+    identity: Identity
+    issuer: IssuerKeys
+
+
+# Most specific first: each pyjwt failure becomes one of our reasons.
+_PYJWT_ERRORS: tuple[tuple[type[Exception], type[errors.AuthError]], ...] = (
+    (jwt.ExpiredSignatureError, errors.Expired),
+    (jwt.ImmatureSignatureError, errors.NotYetValid),
+    (jwt.InvalidAudienceError, errors.WrongAudience),
+    (jwt.InvalidIssuerError, errors.WrongIssuer),
+    (jwt.InvalidSignatureError, errors.BadSignature),
+    (jwt.MissingRequiredClaimError, errors.MissingClaim),
+    (jwt.InvalidAlgorithmError, errors.AlgorithmNotAllowed),
+    (jwt.InvalidKeyError, errors.AlgorithmNotAllowed),
+)
+
+
+class JwtVerifier:
+    """Verifies JWTs of every configured issuer; one per gateway, shared by all routes."""
+
+    def __init__(
+        self,
+        issuers: Mapping[str, IssuerKeys],
+        cache: TokenCache[Verified],
+        own_issuer: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._by_iss = {keys.settings.issuer: keys for keys in issuers.values()}
+        self._cache = cache
+        self._own_issuer = own_issuer  # the gateway's own tokens are always long-lived
+        self._clock = clock
+
+    async def verify(self, token: str, allowed: frozenset[str]) -> Identity:
+        """Verify `token` for a route accepting the issuers named in `allowed`."""
+        digest = token_digest(token)
+        cached = self._cache.get(digest)
+        if cached is not None and cached.issuer.keys is not None and cached.issuer.keys.has_kid(cached.identity.key_id):
+            if cached.identity.issuer not in allowed:
+                raise NotMine(errors.WrongIssuer())
+            self._check_expiry(cached.identity, cached.issuer.settings.leeway)
+            return cached.identity
+        header, claims = _peek(token)
+        issuer = self._by_iss.get(claims.get("iss"))  # type: ignore[arg-type]
+        if issuer is None or issuer.settings.name not in allowed:
+            raise NotMine(errors.WrongIssuer())
+        identity = await self._verify_signed(token, header, issuer)
+        self._cache.put(digest, Verified(identity, issuer))
+        return identity
+
+    async def _verify_signed(self, token: str, header: dict[str, Any], issuer: IssuerKeys) -> Identity:
+        settings = issuer.settings
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg not in settings.algorithms:
+            raise errors.AlgorithmNotAllowed()
+        if "crit" in header:
+            raise errors.UnsupportedCritical()  # we implement no JWS extension (RFC 7515 §4.1.11)
+        if settings.require_typ is not None and not _typ_matches(header.get("typ"), settings.require_typ):
+            raise errors.WrongType()
+        kid = header.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            raise errors.Malformed()
+        key = await self._find_key(issuer, kid, alg)
+        if alg not in key.algorithms:
+            raise errors.AlgorithmNotAllowed()
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                key.key,
+                algorithms=[alg],
+                audience=list(settings.audiences),
+                issuer=settings.issuer,
+                leeway=settings.leeway,
+                options={"require": ["exp"], "verify_sub": True, "verify_jti": True},
+            )
+        except jwt.PyJWTError as exc:
+            raise _translate(exc) from None
+        return self._identity(claims, issuer, kid)
+
+    async def _find_key(self, issuer: IssuerKeys, kid: str | None, alg: str) -> Any:
+        keys = issuer.keys
+        if keys is None:
+            await issuer.refresh_for_unknown_kid()
+            keys = issuer.keys
+            if keys is None:
+                raise errors.KeysUnavailable()
+        key = keys.find(kid, alg)
+        if key is None and not keys.has_kid(kid) and await issuer.refresh_for_unknown_kid():
+            key = issuer.keys.find(kid, alg) if issuer.keys is not None else None
+        if key is None:
+            raise errors.UnknownKey()
+        return key
+
+    def _identity(self, claims: dict[str, Any], issuer: IssuerKeys, kid: str | None) -> Identity:
+        settings = issuer.settings
+        exp = float(claims["exp"])
+        iat = float(claims["iat"]) if isinstance(claims.get("iat"), int | float) else None
+        lifetime = exp - (iat if iat is not None else self._clock())
+        if settings.max_lifetime is not None:
+            if iat is None:
+                raise errors.MissingClaim("the token lacks iat, needed to check its lifetime")
+            if lifetime > settings.max_lifetime:
+                raise errors.TooLongLived()
+        jti = claims.get("jti")
+        return Identity(
+            subject=claims.get("sub"),
+            scopes=scopes_of(claims),
+            claims=claims,
+            issuer=settings.name,
+            source="jwt",
+            token_id=jti if isinstance(jti, str) else None,
+            expires_at=exp,
+            issued_at=iat,
+            long_lived=settings.issuer == self._own_issuer or lifetime > settings.long_lived_after,
+            key_id=kid,
+        )
+
+    def _check_expiry(self, identity: Identity, leeway: float) -> None:
+        if identity.expires_at is not None and identity.expires_at <= self._clock() - leeway:
+            raise errors.Expired()
+
+
+def _peek(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Header and claims before any verification: only to choose the issuer and key."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise NotMine(errors.Malformed())
+    try:
+        header = json.loads(_b64decode(parts[0]))
+        claims = json.loads(_b64decode(parts[1]))
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise NotMine(errors.Malformed()) from None
+    if not isinstance(header, dict) or not isinstance(claims, dict):
+        raise NotMine(errors.Malformed())
+    return header, claims
+
+
+def _b64decode(segment: str) -> bytes:
+    if "=" in segment:
+        raise ValueError("padding is not allowed in a JWS segment")
+    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+
+
+def _typ_matches(typ: Any, required: str) -> bool:
+    """RFC 9068 §2.1: `at+jwt`, also written `application/at+jwt`; media types compare case-insensitively."""
+    if not isinstance(typ, str):
+        return False
+    typ = typ.lower()
+    required = required.lower()
+    return bool(typ == required or typ == "application/" + required)
+
+
+def _translate(exc: jwt.PyJWTError) -> errors.AuthError:
+    for pyjwt_error, ours in _PYJWT_ERRORS:
+        if isinstance(exc, pyjwt_error):
+            return ours()
+    return errors.Malformed()

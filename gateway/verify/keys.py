@@ -1,0 +1,109 @@
+"""Verification keys and key sets: which key may verify which algorithm.
+
+A key's type decides the algorithms it may verify (an RSA key never verifies HS256, a P-256 key only ES256),
+so a token cannot pick a dangerous pairing through its `alg` header.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+log = logging.getLogger(__name__)
+
+_RSA_ALGS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
+_EC_ALGS = {
+    "secp256r1": frozenset({"ES256"}),
+    "secp384r1": frozenset({"ES384"}),
+    "secp521r1": frozenset({"ES512"}),
+}
+_HMAC_ALGS = frozenset({"HS256", "HS384", "HS512"})
+
+
+@dataclass(frozen=True, slots=True)
+class VerificationKey:
+    kid: str | None
+    key: Any  # a cryptography public key, or bytes for an HMAC secret
+    algorithms: frozenset[str]
+
+
+def algorithms_for(key: Any) -> frozenset[str]:
+    """The algorithms a key object may verify, from its type alone."""
+    if isinstance(key, rsa.RSAPublicKey):
+        return _RSA_ALGS
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return _EC_ALGS.get(key.curve.name, frozenset())
+    if isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
+        return frozenset({"EdDSA"})
+    if isinstance(key, bytes):
+        return _HMAC_ALGS
+    return frozenset()
+
+
+class KeySet:
+    """Keys of one issuer, looked up by `kid` (or the single key of a matching type when the token has none)."""
+
+    def __init__(self, keys: Iterable[VerificationKey]) -> None:
+        self.keys = tuple(keys)
+        self._by_kid = {k.kid: k for k in self.keys if k.kid is not None}
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def has_kid(self, kid: str | None) -> bool:
+        return kid is None or kid in self._by_kid
+
+    def find(self, kid: str | None, alg: str) -> VerificationKey | None:
+        if kid is not None:
+            key = self._by_kid.get(kid)
+            if key is None:
+                # A key published without a kid may still verify a token that names one (static PEM keys).
+                anonymous = [k for k in self.keys if k.kid is None and alg in k.algorithms]
+                return anonymous[0] if len(anonymous) == 1 else None
+            return key
+        candidates = [k for k in self.keys if alg in k.algorithms]
+        return candidates[0] if len(candidates) == 1 else None
+
+
+def from_jwks(document: Mapping[str, Any]) -> KeySet:
+    """Parse a JWKS document; unusable keys (encryption keys, unknown types, bad parameters) are skipped."""
+    raw_keys = document.get("keys")
+    if not isinstance(raw_keys, list):
+        raise ValueError("the JWKS has no 'keys' list")
+    keys: list[VerificationKey] = []
+    for raw in raw_keys:
+        if not isinstance(raw, dict) or raw.get("use", "sig") != "sig" or raw.get("kty") == "oct":
+            continue  # symmetric keys are never taken from a network document
+        kid = raw.get("kid")
+        try:
+            parsed = jwt.PyJWK(raw).key
+        except (jwt.PyJWKError, jwt.InvalidKeyError, ValueError, TypeError, KeyError) as exc:
+            log.warning("skipping an unusable JWKS key", extra={"kid": str(kid), "error": type(exc).__name__})
+            continue
+        algorithms = algorithms_for(parsed)
+        if isinstance(raw.get("alg"), str):
+            algorithms = algorithms & {raw["alg"]}
+        if algorithms and (kid is None or isinstance(kid, str)):
+            keys.append(VerificationKey(kid=kid, key=parsed, algorithms=algorithms))
+    return KeySet(keys)
+
+
+def from_pem_file(path: str, kid: str | None) -> VerificationKey:
+    """A public key or certificate in PEM form."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if b"CERTIFICATE" in data:
+        key: Any = x509.load_pem_x509_certificate(data).public_key()
+    else:
+        key = load_pem_public_key(data)
+    algorithms = algorithms_for(key)
+    if not algorithms:
+        raise ValueError(f"{path}: unsupported key type {type(key).__name__}")
+    return VerificationKey(kid=kid, key=key, algorithms=algorithms)
