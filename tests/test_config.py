@@ -1,0 +1,207 @@
+"""Config loading: typed values, ${ENV} interpolation, durations, and errors that name file and path."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from gateway import configfile, signing
+from gateway.config import Settings, parse_duration
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "config" / "gateway.example.yaml"
+MINIMAL = """
+issuers:
+  - name: corp
+    issuer: https://idp.test/
+    jwks_uri: https://idp.test/jwks
+    audiences: [api]
+routes:
+  - name: r
+    match: {path_prefix: /}
+    upstream: {url: "http://127.0.0.1:9"}
+    auth: {mode: jwt, issuers: [corp]}
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("500ms", 0.5),
+        ("30s", 30),
+        ("15m", 900),
+        ("1h", 3600),
+        ("365d", 365 * 86400),
+        (" 2s ", 2),
+        (7, 7),
+        ("1.5s", 1.5),
+    ],
+)
+def test_durations(text: Any, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "5", "5 sec", "-1s", "1w", "s", True, -3, None])
+def test_bad_durations_are_refused(text: Any) -> None:
+    with pytest.raises(ValueError, match="duration|negative"):
+        parse_duration(text)
+
+
+def test_minimal_config_gets_documented_defaults() -> None:
+    settings = configfile.loads(MINIMAL)
+    assert settings.listen.port == 8080
+    assert settings.admin.host == "127.0.0.1"
+    assert settings.issuers[0].leeway == 30.0
+    assert settings.routes[0].auth.revocation == "long_lived"
+    assert settings.routes[0].auth.max_token_bytes == 8192
+    with pytest.raises(Exception, match="frozen"):
+        settings.listen.port = 1  # type: ignore[misc]
+
+
+def test_env_interpolation_with_defaults() -> None:
+    text = (
+        MINIMAL.replace("https://idp.test/jwks", "${JWKS:-https://fallback/jwks}").replace("port: 8080", "")
+        + "store: {redis_url: '${REDIS:-}', key_prefix: '${PREFIX}'}\n"
+    )
+    settings = configfile.loads(text, env={"PREFIX": "t1:"})
+    assert settings.issuers[0].jwks_uri == "https://fallback/jwks"
+    assert settings.store.redis_url == ""
+    assert settings.store.key_prefix == "t1:"
+    settings = configfile.loads(text, env={"PREFIX": "t2:", "JWKS": "https://env/jwks"})
+    assert settings.issuers[0].jwks_uri == "https://env/jwks"
+
+
+ERROR_CASES = [
+    # (replace this, with this) in MINIMAL -> a problem that contains this text
+    (("issuers: [corp]", "issuers: [corp, nope]"), "routes[0].auth.issuers[1]: unknown issuer 'nope' (known: corp)"),
+    (("audiences: [api]", "audiences: [api]\n    leeway: soon"), "issuers[0].leeway: expected a duration"),
+    (("mode: jwt", "mode: jwtt"), "routes[0].auth.mode: Input should be"),
+    (("match: {path_prefix: /}", "match: {path_prefix: /, verb: GET}"), "routes[0].match.verb: unknown field"),
+    (("match: {path_prefix: /}", "match: {methods: [GET]}"), "routes[0].match: exactly one of path"),
+    (
+        ("jwks_uri: https://idp.test/jwks", "discovery: true\n    jwks_uri: https://idp.test/jwks"),
+        "issuers[0]: exactly one",
+    ),
+    (('url: "http://127.0.0.1:9"', 'url: "ftp://x"'), "routes[0].upstream: url must be http"),
+    (("audiences: [api]", "audiences: [api]\n    algorithms: [none]"), "issuers[0].algorithms[0]: Input should be"),
+    (("audiences: [api]", "audiences: [api]\n    algorithms: [HS256]"), "HS256 needs hmac_secret_env"),
+    (("auth: {mode: jwt, issuers: [corp]}", "auth: {mode: jwt}"), "routes[0].auth.issuers: mode jwt needs"),
+    (("auth: {mode: jwt, issuers: [corp]}", "auth: {mode: introspect}"), "needs an introspection endpoint"),
+    (("jwks_uri: https://idp.test/jwks", "jwks_uri: ${MISSING_VAR}"), "issuers[0].jwks_uri: environment variable"),
+    (("audiences: [api]", "audiences: []"), "issuers[0].audiences: Tuple should have at least 1"),
+    (
+        ("    auth: {mode: jwt, issuers: [corp]}", "    auth: {mode: none, required_scopes: [x]}"),
+        "mode none checks no token",
+    ),
+]
+
+
+@pytest.mark.parametrize(("change", "expected"), ERROR_CASES)
+def test_errors_name_the_path_and_what_was_expected(change: tuple[str, str], expected: str) -> None:
+    text = MINIMAL.replace(*change)
+    with pytest.raises(configfile.ConfigError) as caught:
+        configfile.loads(text, source="gw.yaml", env={})
+    assert any(expected in problem for problem in caught.value.problems), caught.value.problems
+    assert str(caught.value).startswith("gw.yaml: ")
+
+
+def test_duplicate_names_and_reserved_issuer_name(tmp_path: Path) -> None:
+    key = tmp_path / "k.pem"
+    signing.write_private_key(signing.generate(), str(key))
+    text = MINIMAL.replace("- name: corp", "- name: gateway").replace("issuers: [corp]", "issuers: [gateway]")
+    text += "  - name: r\n    match: {path: /x}\n    upstream: {url: 'http://127.0.0.1:9'}\n    auth: {mode: none}\n"
+    text += f"tokens: {{issuer: https://gw/, signing_key_file: {key}}}\n"
+    with pytest.raises(configfile.ConfigError) as caught:
+        configfile.loads(text)
+    problems = "\n".join(caught.value.problems)
+    assert "the name 'gateway' is reserved" in problems
+    assert "routes[1].name: 'r' is used twice" in problems
+
+
+def test_yaml_syntax_error_names_line() -> None:
+    with pytest.raises(configfile.ConfigError, match=r"line \d+, column \d+: not valid YAML"):
+        configfile.loads("routes: [\n  {name: x\n", source="bad.yaml")
+
+
+def test_relative_key_paths_are_read_from_the_config_directory(tmp_path: Path) -> None:
+    (tmp_path / "keys").mkdir()
+    signing.write_private_key(signing.generate(), str(tmp_path / "keys" / "signing.pem"))
+    (tmp_path / "gw.yaml").write_text(
+        "tokens: {issuer: https://gw/, signing_key_file: keys/signing.pem}\n"
+        "routes: [{name: r, match: {path: /}, upstream: {url: 'http://127.0.0.1:9'}, auth: {issuers: [gateway]}}]\n"
+    )
+    settings = configfile.load(tmp_path / "gw.yaml")
+    assert settings.tokens is not None
+    assert settings.tokens.key_files == (str(tmp_path / "keys" / "signing.pem"),)
+
+
+def _example_copy(tmp_path: Path) -> Path:
+    """The example config next to generated key files it names, so it can load as written."""
+    shutil.copy(EXAMPLE, tmp_path / "gateway.yaml")
+    (tmp_path / "keys").mkdir()
+    signing.write_private_key(signing.generate(), str(tmp_path / "keys" / "signing.pem"))
+    public = signing.load_private_key(str(tmp_path / "keys" / "signing.pem")).private.public_key()
+    from cryptography.hazmat.primitives import serialization
+
+    (tmp_path / "keys" / "partners.pub.pem").write_bytes(
+        public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    return tmp_path / "gateway.yaml"
+
+
+def test_example_config_is_valid_and_documents_every_field(tmp_path: Path) -> None:
+    settings = configfile.load(_example_copy(tmp_path), env={})
+    assert [r.name for r in settings.routes] == ["orders", "public"]
+    text = EXAMPLE.read_text()
+    missing = [name for name in _field_names(Settings) if f"{name}:" not in text]
+    assert missing == [], f"fields not shown in {EXAMPLE.name}: {missing}"
+
+
+def _field_names(model: type[BaseModel]) -> set[str]:
+    names: set[str] = set()
+    for name, info in model.model_fields.items():
+        names.add(name)
+        for arg in _model_types(info.annotation):
+            names |= _field_names(arg)
+    return names
+
+
+def _model_types(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [t for arg in getattr(annotation, "__args__", ()) for t in _model_types(arg)]
+
+
+def test_committed_json_schema_is_generated_from_the_models() -> None:
+    committed = json.loads((ROOT / "config" / "gateway.schema.json").read_text())
+    assert committed == Settings.model_json_schema(), "config/gateway.schema.json is stale: run `make schema`"
+
+
+def test_check_config_cli(tmp_path: Path) -> None:
+    good = _example_copy(tmp_path)
+    env = {**os.environ, "LEGACY_HMAC_SECRET": "x" * 32}
+    ok = subprocess.run(
+        [sys.executable, "-m", "gateway", "check-config", str(good)], capture_output=True, text=True, env=env
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.count("\n") == 1 and "OK — 2 routes, 3 issuers" in ok.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(MINIMAL.replace("issuers: [corp]", "issuers: [corp, ghost]"))
+    failed = subprocess.run([sys.executable, "-m", "gateway", "check-config", str(bad)], capture_output=True, text=True)
+    assert failed.returncode == 1
+    assert f"{bad}: routes[0].auth.issuers[1]: unknown issuer 'ghost'" in failed.stderr
+    short = tmp_path / "short-secret.yaml"
+    short.write_text(good.read_text())
+    weak = subprocess.run(
+        [sys.executable, "-m", "gateway", "check-config", str(short)],
+        capture_output=True, text=True, env={**env, "LEGACY_HMAC_SECRET": "short"},
+    )  # fmt: skip
+    assert weak.returncode == 1 and "LEGACY_HMAC_SECRET must hold a secret of 32+ bytes" in weak.stderr
