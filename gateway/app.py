@@ -29,8 +29,10 @@ from gateway.config import (
 )
 from gateway.identity import Identity
 from gateway.metrics import Metrics
+from gateway.revocation import Mirror, RevocationCheck
 from gateway.routing import Matcher, RouteTable
 from gateway.signing import Signer
+from gateway.store import MemoryStore, RedisStore, RevocationStore, connect_redis
 from gateway.verify import Judge
 from gateway.verify.cache import TokenCache
 from gateway.verify.jwks import IssuerKeys
@@ -71,6 +73,9 @@ class Runtime:
 
     metrics: Metrics
     session: aiohttp.ClientSession
+    store: RevocationStore
+    mirror: Mirror
+    revocation: RevocationCheck
     gateway: Gateway | None = None
     draining: bool = False
     refreshers: dict[int, asyncio.Task[None]] = field(default_factory=dict)
@@ -88,12 +93,25 @@ class Runtime:
             if key_id not in self.refreshers:
                 self.refreshers[key_id] = asyncio.create_task(keys.run_refresher(), name=f"jwks:{keys.settings.name}")
 
+    @classmethod
+    def create(cls, settings: Settings, metrics: Metrics, session: aiohttp.ClientSession) -> Runtime:
+        store: RevocationStore
+        if settings.store.redis_url:
+            store = RedisStore(connect_redis(settings.store), settings.store.key_prefix)
+        else:
+            store = MemoryStore()
+            log.warning("no store.redis_url: using the in-process memory store, which serves this one instance only")
+        mirror = Mirror(store, metrics, settings.store.resync_interval, settings.store.max_staleness)
+        check = RevocationCheck(mirror, metrics, settings.store.max_staleness)
+        return cls(metrics=metrics, session=session, store=store, mirror=mirror, revocation=check)
+
     async def close(self) -> None:
         for task in self.refreshers.values():
             task.cancel()
         await asyncio.gather(*self.refreshers.values(), return_exceptions=True)
         self.refreshers.clear()
         await self.session.close()
+        await self.store.close()
 
 
 def build_gateway(settings: Settings, runtime: Runtime, previous: Gateway | None = None) -> Gateway:
@@ -111,7 +129,7 @@ def build_gateway(settings: Settings, runtime: Runtime, previous: Gateway | None
             issuers[issuer.name] = _issuer_keys(issuer, runtime, signer)
     own = settings.tokens.issuer if settings.tokens else None
     verifier = JwtVerifier(issuers, TokenCache[Verified](settings.cache.verified_tokens, runtime.metrics), own)
-    table = RouteTable([(Matcher.compile(r.match), _route(r, verifier)) for r in settings.routes])
+    table = RouteTable([(Matcher.compile(r.match), _route(r, verifier, runtime)) for r in settings.routes])
     return Gateway(settings=settings, routes=table, issuers=issuers, signer=signer)
 
 
@@ -143,12 +161,18 @@ def _issuer_keys(issuer: IssuerSettings, runtime: Runtime, signer: Signer | None
     return IssuerKeys(issuer, None if static else runtime.session, runtime.metrics, static=static)
 
 
-def _route(settings: RouteSettings, verifier: JwtVerifier) -> Route:
+def _route(settings: RouteSettings, verifier: JwtVerifier, runtime: Runtime) -> Route:
     auth = settings.auth
     judge = None
     if auth.mode != "none":
-        policy = RoutePolicy.build(auth.required_scopes, auth.required_claims)
-        judge = Judge(verifier=verifier, issuers=frozenset(auth.issuers), policy=policy)
+        judge = Judge(
+            verifier=verifier,
+            issuers=frozenset(auth.issuers),
+            policy=RoutePolicy.build(auth.required_scopes, auth.required_claims),
+            revocation=runtime.revocation,
+            revocation_policy=auth.revocation,
+            fail_open=auth.on_unavailable == "fail_open",
+        )
     return Route(
         name=settings.name,
         judge=judge,
@@ -231,6 +255,8 @@ def _log_access(
 
 def readiness(runtime: Runtime) -> tuple[bool, Mapping[str, Any]]:
     problems = ["draining"] if runtime.draining else []
+    if not runtime.mirror.synced.is_set():
+        problems.append("revocation list not loaded yet (store unreachable since start)")
     if runtime.gateway is None:
         problems.append("no configuration loaded")
     else:

@@ -15,11 +15,11 @@ def compile_check(settings: Settings) -> str | None:
         from gateway.metrics import Metrics
         from gateway.server import new_session
 
-        runtime = Runtime(metrics=Metrics(), session=new_session())
+        runtime = Runtime.create(settings, Metrics(), new_session())  # connects lazily: nothing is contacted
         try:
             build_gateway(settings, runtime)
         finally:
-            await runtime.session.close()
+            await runtime.close()
 
     try:
         asyncio.run(build())

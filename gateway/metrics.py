@@ -9,7 +9,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 # The *_created series double every counter's output and no dashboard uses them.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in prometheus_client
 
 _LATENCY_BUCKETS = (
     0.0005,
@@ -65,3 +65,33 @@ class Metrics:
             "gateway_config_reloads_total", "Config reloads (SIGHUP) by outcome (success|failure).",
             ["outcome"], registry=r,
         )  # fmt: skip
+        self.introspection_requests = Counter(
+            "gateway_introspection_requests_total",
+            "Introspection calls by endpoint and outcome (active|inactive|error|timeout|breaker_open|invalid).",
+            ["endpoint", "outcome"], registry=r,
+        )  # fmt: skip
+        self.introspection_cache = Counter(
+            "gateway_introspection_cache_requests_total", "Introspection cache look-ups by result (hit|miss).",
+            ["result"], registry=r,
+        )  # fmt: skip
+        self.introspection_duration = Histogram(
+            "gateway_introspection_duration_seconds", "Time of one introspection call, by endpoint.",
+            ["endpoint"], buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.introspection_breaker = Gauge(
+            "gateway_introspection_breaker_open", "1 while the endpoint's circuit breaker is open, else 0.",
+            ["endpoint"], registry=r,
+        )  # fmt: skip
+        self.revocation_checks = Counter(
+            "gateway_revocation_checks_total",
+            "Revocation checks by result (ok|revoked|stale_closed|stale_open|no_jti).",
+            ["result"], registry=r,
+        )  # fmt: skip
+        self.revoked_tokens = Gauge(
+            "gateway_revoked_tokens", "Revoked token IDs held in this instance's revocation mirror.", registry=r
+        )
+        self.revocation_mirror_age = Gauge(
+            "gateway_revocation_mirror_age_seconds",
+            "Seconds since the revocation mirror was last confirmed current with the store.", registry=r,
+        )  # fmt: skip
+        self.store_up = Gauge("gateway_store_up", "1 while the store (Redis) is reachable, else 0.", registry=r)

@@ -68,21 +68,31 @@ def _host_pattern(host: str) -> re.Pattern[str]:
 
 
 def _path_pattern(match: MatchSettings) -> re.Pattern[str]:
+    # DOTALL: the path is matched decoded, and %0A decodes to a newline that `.` must still cover
+    # (without it /orders/a%0Ab fell through to a later route, or to 404).
     if match.path is not None:
-        return re.compile(re.escape(match.path))
+        return re.compile(re.escape(match.path), re.DOTALL)
     if match.path_prefix is not None:
         prefix = match.path_prefix.rstrip("/")
         # Segment boundary: /orders matches /orders and /orders/1, not /ordersx.
-        return re.compile(re.escape(prefix) + r"(?:/.*)?" if prefix else r"/.*")
+        return re.compile(re.escape(prefix) + r"(?:/.*)?" if prefix else r"/.*", re.DOTALL)
     assert match.path_glob is not None  # noqa: S101 - guaranteed by MatchSettings validation
-    return re.compile(_glob_to_regex(match.path_glob))
+    return re.compile(_glob_to_regex(match.path_glob), re.DOTALL)
 
 
 def _glob_to_regex(glob: str) -> str:
     out = []
     i = 0
     while i < len(glob):
-        if glob.startswith("**", i):
+        if glob.startswith("/**/", i):
+            # Zero or more whole segments: /a/**/z matches /a/z as well as /a/x/y/z (as in gitignore and Ant).
+            out.append("(?:/.*)?/")
+            i += 4
+        elif glob.startswith("/**", i) and i + 3 == len(glob):
+            # A trailing /** covers the directory itself too, like a prefix: /files/** matches /files.
+            out.append("(?:/.*)?")
+            i += 3
+        elif glob.startswith("**", i):
             out.append(".*")
             i += 2
         elif glob[i] == "*":

@@ -71,10 +71,12 @@ class Server:
         self._runners: list[web.BaseRunner] = []
         self._stopping = asyncio.Event()
         self._reload_lock = asyncio.Lock()
+        self._mirror_task: asyncio.Task[None] | None = None
 
     async def start(self) -> Listening:
-        runtime = Runtime(metrics=self.metrics, session=new_session())
+        runtime = Runtime.create(self.settings, self.metrics, new_session())
         self.runtime = runtime
+        self._mirror_task = asyncio.create_task(runtime.mirror.run(), name="revocation-mirror")
         await runtime.install(build_gateway(self.settings, runtime))
         listen = self.settings.listen
         proxy_server = web.Server(
@@ -131,6 +133,9 @@ class Server:
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()
+        if self._mirror_task is not None:
+            self._mirror_task.cancel()
+            await asyncio.gather(self._mirror_task, return_exceptions=True)
         if self.runtime is not None:
             await self.runtime.close()
 

@@ -1,0 +1,174 @@
+"""The revocation mirror: an in-memory copy of the revoked set, so the per-request check touches no network.
+
+Loaded at start, kept current by pub/sub notices, fully re-synced after every reconnect and periodically (a notice
+lost in a disconnect is never lost for good). Its age is the time since it was last confirmed current: a notice,
+a full sync, or a PONG on the subscription connection (which proves every earlier notice has been delivered).
+When the age exceeds `max_staleness`, the route's on_unavailable decides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Literal
+
+from redis.exceptions import RedisError
+
+from gateway import errors
+from gateway.identity import Identity
+from gateway.metrics import Metrics
+from gateway.store import SEPARATOR, MemoryStore, RedisStore, RevocationStore
+
+log = logging.getLogger(__name__)
+
+
+class RevocationUnavailable(errors.DependencyUnavailable):
+    reason, description = "revocation_unavailable", "the revocation list cannot be confirmed current"
+
+
+class MissingTokenId(errors.AuthError):
+    reason, description = "no_jti", "a long-lived token without jti cannot be revoked, so it is refused"
+
+
+class Mirror:
+    def __init__(self, store: RevocationStore, metrics: Metrics, resync_interval: float, max_staleness: float) -> None:
+        self.store = store
+        self.jtis: dict[str, float] = {}
+        self.subjects: dict[str, float] = {}
+        self._metrics = metrics
+        self._resync_interval = resync_interval
+        self._heartbeat = max(0.05, min(1.0, max_staleness / 4))
+        self._confirmed: float | None = None  # monotonic time the mirror was last known current
+        self._up = False  # store reachable (for logging transitions once, not every retry)
+        self._always_current = isinstance(store, MemoryStore)
+        self.synced = asyncio.Event()  # set after the first full sync (readiness)
+        if isinstance(store, MemoryStore):
+            store.listener = self.apply
+            self.synced.set()
+        metrics.revocation_mirror_age.set_function(self.age)
+        metrics.store_up.set(1 if self._always_current else 0)
+
+    def age(self) -> float:
+        if self._always_current:
+            return 0.0
+        return float("inf") if self._confirmed is None else time.monotonic() - self._confirmed
+
+    def is_revoked(self, identity: Identity) -> bool:
+        jti, issuer = identity.token_id, identity.issuer
+        if jti is not None and (jti in self.jtis or f"{issuer}{SEPARATOR}{jti}" in self.jtis):
+            return True
+        subject = identity.subject
+        if subject is None or not self.subjects:
+            return False
+        cutoff = max(self.subjects.get(subject, 0.0), self.subjects.get(f"{issuer}{SEPARATOR}{subject}", 0.0))
+        if not cutoff:
+            return False
+        # Tokens issued before the cut-off are revoked; one without iat cannot prove it came after.
+        return identity.issued_at is None or identity.issued_at < cutoff
+
+    def apply(self, notice: str) -> None:
+        try:
+            change = json.loads(notice)
+            table = self.jtis if change["kind"] == "jti" else self.subjects
+            if change["op"] == "add":
+                table[str(change["member"])] = float(change["until"])
+            else:
+                table.pop(str(change["member"]), None)
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignoring a malformed revocation notice")  # the next full sync repairs the mirror
+            return
+        self._metrics.revoked_tokens.set(len(self.jtis))
+
+    async def full_sync(self) -> None:
+        started = time.monotonic()
+        jtis, subjects = await self.store.snapshot()
+        self.jtis, self.subjects = jtis, subjects
+        self._confirmed = started
+        self._metrics.revoked_tokens.set(len(jtis))
+        self.synced.set()
+
+    async def run(self) -> None:
+        """Background task: follow the store until cancelled, reconnecting with backoff."""
+        if not isinstance(self.store, RedisStore):
+            while True:  # the memory store is its own mirror; only expired entries need pruning
+                await asyncio.sleep(self._resync_interval)
+                await self.full_sync()
+        backoff = 0.05
+        while True:
+            try:
+                await self._follow(self.store)
+            except (RedisError, OSError, TimeoutError) as exc:
+                if self._up:
+                    log.error("store unreachable; revocation mirror is ageing", extra={"error": type(exc).__name__})
+                self._set_up(False)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+            else:
+                backoff = 0.05
+
+    def _set_up(self, up: bool) -> None:
+        self._up = up
+        self._metrics.store_up.set(1 if up else 0)
+
+    async def _follow(self, store: RedisStore) -> None:
+        pubsub = store.client.pubsub()
+        try:
+            await pubsub.subscribe(store.channel)
+            await self.full_sync()  # after subscribing, so nothing published in between is missed
+            if not self._up:
+                log.info("store reachable; revocation mirror synced", extra={"revoked": len(self.jtis)})
+            self._set_up(True)
+            last_sync = ping_sent = time.monotonic()
+            awaiting_pong = False
+            while True:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=self._heartbeat)
+                now = time.monotonic()
+                if message is not None and message["type"] == "message":
+                    self.apply(message["data"])
+                    self._confirmed = now
+                elif message is not None and message["type"] == "pong":
+                    self._confirmed, awaiting_pong = ping_sent, False
+                if not awaiting_pong and now - ping_sent >= self._heartbeat:
+                    await pubsub.ping()
+                    ping_sent, awaiting_pong = now, True
+                elif awaiting_pong and now - ping_sent > max(2.0, 4 * self._heartbeat):
+                    raise TimeoutError("no PONG on the subscription connection")
+                if now - last_sync >= self._resync_interval:
+                    await self.full_sync()
+                    last_sync = now
+        finally:
+            await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
+
+
+Policy = Literal["long_lived", "always", "never"]
+
+
+class RevocationCheck:
+    """The per-request check: memory only; when the mirror is stale, the route's on_unavailable decides."""
+
+    def __init__(self, mirror: Mirror, metrics: Metrics, max_staleness: float) -> None:
+        self.mirror = mirror
+        self.max_staleness = max_staleness
+        counter = metrics.revocation_checks
+        self._ok, self._revoked = counter.labels("ok"), counter.labels("revoked")
+        self._closed, self._open = counter.labels("stale_closed"), counter.labels("stale_open")
+        self._no_jti = counter.labels("no_jti")
+
+    def check(self, identity: Identity, policy: Policy, fail_open: bool) -> None:
+        if policy == "never" or (policy == "long_lived" and not identity.long_lived):
+            return
+        if identity.long_lived and identity.token_id is None:
+            self._no_jti.inc()
+            raise MissingTokenId()
+        if self.mirror.age() > self.max_staleness:
+            if not fail_open:
+                self._closed.inc()
+                raise RevocationUnavailable()
+            self._open.inc()
+            return
+        if self.mirror.is_revoked(identity):
+            self._revoked.inc()
+            raise errors.Revoked()
+        self._ok.inc()
