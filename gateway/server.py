@@ -10,15 +10,14 @@ from pathlib import Path
 
 import aiohttp
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway import configfile
-from gateway.app import Handler, Runtime, build_gateway, readiness
+from gateway.admin import admin_app
+from gateway.app import Handler, Runtime, build_gateway
 from gateway.config import Settings
 from gateway.metrics import Metrics
 
 log = logging.getLogger(__name__)
-RUNTIME = web.AppKey("runtime", Runtime)
 
 
 @dataclass
@@ -35,29 +34,6 @@ def new_session() -> aiohttp.ClientSession:
     return aiohttp.ClientSession(
         connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(), trust_env=False
     )
-
-
-def admin_app(runtime: Runtime) -> web.Application:
-    app = web.Application()
-    app[RUNTIME] = runtime
-    app.router.add_get("/metrics", _metrics)
-    app.router.add_get("/healthz", _healthz)
-    app.router.add_get("/readyz", _readyz)
-    return app
-
-
-async def _metrics(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[RUNTIME].metrics.registry)
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-
-async def _healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
-
-
-async def _readyz(request: web.Request) -> web.Response:
-    ready, detail = readiness(request.app[RUNTIME])
-    return web.json_response(detail, status=200 if ready else 503)
 
 
 class Server:
@@ -86,7 +62,7 @@ class Server:
             access_log=None,
         )
         proxy_runner = web.ServerRunner(proxy_server, shutdown_timeout=listen.drain_timeout)
-        admin_runner = web.AppRunner(admin_app(runtime), access_log=None)
+        admin_runner = web.AppRunner(admin_app(runtime, self.settings.admin.token_env), access_log=None)
         for runner in (proxy_runner, admin_runner):
             await runner.setup()
             self._runners.append(runner)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING
 
 import aiohttp
 import pytest
 
-from tests.support import IdP, Key, Upstream, serve_app
+from tests.support import IdP, Key, RichUpstream, Upstream, serve_app, serve_app_cancelling
+
+if TYPE_CHECKING:
+    from tests.redis_support import PrivateRedis
 
 
 @pytest.fixture(scope="session")
@@ -45,3 +49,48 @@ async def upstream() -> AsyncIterator[Upstream]:
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(auto_decompress=False) as session:
         yield session
+
+
+@pytest.fixture
+async def rich_upstream() -> AsyncIterator[RichUpstream]:
+    """The recording upstream with status/bytes/hash/slow/ws routes; handlers are cancelled when clients leave."""
+    recorder = RichUpstream()
+    runner, recorder.url = await serve_app_cancelling(recorder.app())
+    yield recorder
+    await runner.cleanup()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """REDIS_URL, else the shared Redis on 127.0.0.1:6379, else a private redis-server; else one clear failure."""
+    from tests.redis_support import resolve_url
+
+    try:
+        url, private = resolve_url()
+    except RuntimeError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    yield url
+    if private is not None:
+        private.close()
+
+
+@pytest.fixture
+def key_prefix() -> str:
+    """A unique Redis key prefix per test: tests sharing one Redis never see each other's keys."""
+    import uuid
+
+    return f"test:{uuid.uuid4().hex[:12]}:"
+
+
+@pytest.fixture
+def private_redis() -> Iterator[PrivateRedis]:
+    """A redis-server of this test's own, for tests that stop or break Redis."""
+    from tests.redis_support import PrivateRedis
+
+    try:
+        server = PrivateRedis()
+    except RuntimeError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    server.start()
+    yield server
+    server.close()
