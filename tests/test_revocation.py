@@ -1,0 +1,418 @@
+"""Revocation: by jti and by subject cut-off, mirrored from Redis by pub/sub, surviving outages and lost notices."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+
+from gateway.config import StoreSettings
+from gateway.store import RedisStore, Revocation, connect_redis
+from tests.redis_support import PrivateRedis, free_port
+from tests.support import AUDIENCE, ISSUER, IdP, Key, RunningGateway, Upstream, start_gateway
+
+ADMIN_TOKEN = "test-admin-token-0123456789"
+HOUR = 3600
+
+
+def config(idp: IdP, upstream: Upstream, redis_url: str = "", prefix: str = "gw:", staleness: str = "300ms") -> str:
+    return f"""
+admin: {{host: 127.0.0.1, port: 0, token_env: GW_TEST_ADMIN_TOKEN}}
+listen: {{host: 127.0.0.1, port: 0}}
+store: {{redis_url: "{redis_url}", key_prefix: "{prefix}", max_staleness: {staleness}, resync_interval: 30s}}
+issuers:
+  - name: corp
+    issuer: {ISSUER}
+    jwks_uri: {idp.url}/jwks
+    audiences: [{AUDIENCE}]
+    algorithms: [RS256, ES256]
+    long_lived_after: 1h
+routes:
+  - name: closed
+    match: {{path_prefix: /closed}}
+    upstream: {{url: "{upstream.url}"}}
+    auth: {{mode: jwt, issuers: [corp], revocation: long_lived, on_unavailable: fail_closed}}
+  - name: open
+    match: {{path_prefix: /open}}
+    upstream: {{url: "{upstream.url}"}}
+    auth: {{mode: jwt, issuers: [corp], revocation: long_lived, on_unavailable: fail_open}}
+  - name: always
+    match: {{path_prefix: /always}}
+    upstream: {{url: "{upstream.url}"}}
+    auth: {{mode: jwt, issuers: [corp], revocation: always}}
+  - name: never
+    match: {{path_prefix: /never}}
+    upstream: {{url: "{upstream.url}"}}
+    auth: {{mode: jwt, issuers: [corp], revocation: never}}
+"""
+
+
+@pytest.fixture(autouse=True)
+def admin_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GW_TEST_ADMIN_TOKEN", ADMIN_TOKEN)
+
+
+def long_lived(key: Key, **claims: Any) -> str:
+    now = int(time.time())
+    return key.sign(iat=now, exp=now + 30 * 24 * HOUR, **claims)
+
+
+async def status(http: aiohttp.ClientSession, gw: RunningGateway, path: str, token: str) -> int:
+    async with http.get(f"{gw.url}{path}", headers={"Authorization": f"Bearer {token}"}) as resp:
+        await resp.read()
+        return resp.status
+
+
+async def admin(
+    http: aiohttp.ClientSession, gw: RunningGateway, method: str, path: str, **kwargs: Any
+) -> tuple[int, Any]:
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}", **kwargs.pop("headers", {})}
+    async with http.request(method, f"{gw.admin_url}{path}", headers=headers, **kwargs) as resp:
+        return resp.status, await resp.json()
+
+
+async def until(condition: Callable[..., Awaitable[bool]], *args: Any) -> None:
+    """Wait for a condition the system under test must reach; fail (not hang) past a 10 s deadline."""
+    deadline = time.monotonic() + 10.0
+    while not await condition(*args):
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached before the deadline")
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+async def memory_gw(idp: IdP, upstream: Upstream, tmp_path: Path) -> AsyncIterator[RunningGateway]:
+    async for gw in start_gateway(config(idp, upstream), tmp_path):
+        yield gw
+
+
+async def test_revoke_by_jti_then_undo(
+    memory_gw: RunningGateway, rsa_key: Key, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    token = long_lived(rsa_key, jti="jti-1")
+    assert await status(http, memory_gw, "/closed", token) == 200
+    code, body = await admin(http, memory_gw, "POST", "/admin/revocations", json={"jti": "jti-1"})
+    assert code == 201 and body["revoked"]["jti"] == "jti-1"
+    seen = len(upstream.requests)
+    async with http.get(f"{memory_gw.url}/closed", headers={"Authorization": f"Bearer {token}"}) as resp:
+        assert resp.status == 401
+        assert (await resp.json())["error"] == "invalid_token"
+        assert 'error="invalid_token"' in resp.headers["WWW-Authenticate"]
+    assert len(upstream.requests) == seen, "a revoked token must not reach the upstream"
+    assert memory_gw.metric("gateway_auth_decisions_total", route="closed", outcome="deny", reason="revoked") == 1
+    assert await status(http, memory_gw, "/never", token) == 200, "revocation: never does not check"
+    code, _ = await admin(http, memory_gw, "DELETE", "/admin/revocations?jti=jti-1")
+    assert code == 200
+    assert await status(http, memory_gw, "/closed", token) == 200
+    code, _ = await admin(http, memory_gw, "DELETE", "/admin/revocations?jti=jti-1")
+    assert code == 404
+
+
+async def test_short_lived_tokens_are_checked_only_on_always_routes(
+    memory_gw: RunningGateway, rsa_key: Key, http: aiohttp.ClientSession
+) -> None:
+    token = rsa_key.sign(jti="short-1")  # 10 minutes: not long-lived
+    await admin(http, memory_gw, "POST", "/admin/revocations", json={"jti": "short-1"})
+    assert await status(http, memory_gw, "/closed", token) == 200
+    assert await status(http, memory_gw, "/always", token) == 401
+
+
+async def test_subject_cutoff_revokes_only_tokens_issued_before(
+    memory_gw: RunningGateway, rsa_key: Key, http: aiohttp.ClientSession
+) -> None:
+    now = int(time.time())
+    old = rsa_key.sign(sub="mallory", iat=now - 100, exp=now + 30 * 24 * HOUR)
+    new = rsa_key.sign(sub="mallory", iat=now + 5, exp=now + 30 * 24 * HOUR)
+    other = rsa_key.sign(sub="bob", iat=now - 100, exp=now + 30 * 24 * HOUR)
+    code, _ = await admin(http, memory_gw, "POST", "/admin/revocations", json={"subject": "mallory", "before": now})
+    assert code == 201
+    assert await status(http, memory_gw, "/closed", old) == 401
+    assert await status(http, memory_gw, "/closed", new) == 200
+    assert await status(http, memory_gw, "/closed", other) == 200
+
+
+async def test_issuer_scoped_revocation_spares_other_issuers(
+    memory_gw: RunningGateway, rsa_key: Key, http: aiohttp.ClientSession
+) -> None:
+    token = long_lived(rsa_key, jti="scoped-1")
+    code, body = await admin(http, memory_gw, "POST", "/admin/revocations", json={"jti": "scoped-1", "issuer": "nope"})
+    assert code == 400 and "unknown issuer" in body["error_description"]
+    code, _ = await admin(http, memory_gw, "POST", "/admin/revocations", json={"jti": "scoped-1", "issuer": "corp"})
+    assert code == 201
+    assert await status(http, memory_gw, "/closed", token) == 401
+
+
+async def test_long_lived_token_without_jti_is_refused(
+    memory_gw: RunningGateway, rsa_key: Key, http: aiohttp.ClientSession
+) -> None:
+    now = int(time.time())
+    token = rsa_key.sign(jti=None, iat=now, exp=now + 30 * 24 * HOUR)
+    async with http.get(f"{memory_gw.url}/closed", headers={"Authorization": f"Bearer {token}"}) as resp:
+        assert resp.status == 401
+        assert "without jti" in (await resp.json())["error_description"]
+    assert await status(http, memory_gw, "/never", token) == 200
+
+
+BAD_REQUESTS = [
+    ({"jti": "a", "subject": "b"}, "exactly one of jti or subject"),
+    ({}, "exactly one of jti or subject"),
+    ({"jti": ""}, "jti"),
+    ({"jti": "line\nbreak"}, "jti"),
+    ({"jti": "x" * 600}, "jti"),
+    ({"jti": "a", "before": 5}, "before applies to subject"),
+    ({"subject": "s", "expires_at": "soon"}, "expires_at"),
+    ({"jti": "a", "colour": "red"}, "colour"),
+    ({"jti": 5}, "jti"),
+]
+
+
+@pytest.mark.parametrize(("body", "message"), BAD_REQUESTS)
+async def test_admin_api_refuses_bad_input_clearly(
+    memory_gw: RunningGateway, http: aiohttp.ClientSession, body: dict[str, Any], message: str
+) -> None:
+    code, answer = await admin(http, memory_gw, "POST", "/admin/revocations", json=body)
+    assert code == 400
+    assert answer["error"] == "invalid_request" and message in answer["error_description"]
+
+
+async def test_admin_api_needs_the_admin_token(memory_gw: RunningGateway, http: aiohttp.ClientSession) -> None:
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {ADMIN_TOKEN}"}):
+        async with http.post(f"{memory_gw.admin_url}/admin/revocations", json={"jti": "x"}, headers=headers) as r:
+            assert r.status == 401
+    code, body = await admin(http, memory_gw, "POST", "/admin/revocations", data=b"{not json")
+    assert code == 400 and body["error_description"] == "the body is not valid JSON"
+    code, body = await admin(http, memory_gw, "POST", "/admin/revocations", json=["jti"])
+    assert code == 400 and "JSON object" in body["error_description"]
+    code, body = await admin(http, memory_gw, "GET", "/admin/revocations?limit=0")
+    assert code == 400
+    code, listing = await admin(http, memory_gw, "GET", "/admin/revocations")
+    assert code == 200 and listing == {"items": [], "next_offset": None}
+
+
+async def test_admin_api_is_disabled_without_a_token(
+    idp: IdP, upstream: Upstream, tmp_path: Path, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("GW_TEST_ADMIN_TOKEN")
+    async for gw in start_gateway(config(idp, upstream), tmp_path):
+        async with http.get(f"{gw.admin_url}/admin/revocations", headers={"Authorization": "Bearer "}) as resp:
+            assert resp.status == 403
+            assert (await resp.json())["error"] == "admin_disabled"
+
+
+async def test_paging_over_redis(
+    idp: IdP, upstream: Upstream, tmp_path: Path, redis_url: str, key_prefix: str, http: aiohttp.ClientSession
+) -> None:
+    async for gw in start_gateway(config(idp, upstream, redis_url, key_prefix), tmp_path):
+        for i in range(5):
+            await admin(
+                http, gw, "POST", "/admin/revocations", json={"jti": f"p{i}", "expires_at": time.time() + i + 10}
+            )
+        await admin(http, gw, "POST", "/admin/revocations", json={"jti": "p0", "expires_at": time.time() + 10})
+        code, first = await admin(http, gw, "GET", "/admin/revocations?limit=3")
+        assert code == 200 and len(first["items"]) == 3 and first["next_offset"] == 3
+        code, rest = await admin(http, gw, "GET", "/admin/revocations?limit=3&offset=3")
+        assert [i["jti"] for i in first["items"] + rest["items"]] == ["p0", "p1", "p2", "p3", "p4"]
+        assert rest["next_offset"] is None
+
+
+async def test_two_gateways_sharing_redis_both_refuse(
+    idp: IdP,
+    upstream: Upstream,
+    tmp_path: Path,
+    redis_url: str,
+    key_prefix: str,
+    rsa_key: Key,
+    http: aiohttp.ClientSession,
+) -> None:
+    token = long_lived(rsa_key, jti="shared-1")
+    text = config(idp, upstream, redis_url, key_prefix)
+    async for first in start_gateway(text, tmp_path):
+        async for second in start_gateway(text, tmp_path):
+            for gw in (first, second):
+                await until(_ready, http, gw)
+                assert await status(http, gw, "/closed", token) == 200
+            code, _ = await admin(http, first, "POST", "/admin/revocations", json={"jti": "shared-1"})
+            assert code == 201
+            for gw in (first, second):
+                await until(_refused, http, gw, token)
+            assert second.metric("gateway_revoked_tokens") == 1
+
+
+async def _ready(http: aiohttp.ClientSession, gw: RunningGateway) -> bool:
+    async with http.get(f"{gw.admin_url}/readyz") as resp:
+        return resp.status == 200
+
+
+async def _refused(http: aiohttp.ClientSession, gw: RunningGateway, token: str) -> bool:
+    return await status(http, gw, "/closed", token) == 401
+
+
+async def test_redis_outage_under_both_policies_and_healing(
+    idp: IdP,
+    upstream: Upstream,
+    tmp_path: Path,
+    private_redis: PrivateRedis,
+    rsa_key: Key,
+    http: aiohttp.ClientSession,
+) -> None:
+    token = long_lived(rsa_key, jti="outage-1")
+    short = rsa_key.sign()
+    async for gw in start_gateway(config(idp, upstream, private_redis.url, "gw:"), tmp_path):
+        await until(_ready, http, gw)
+        assert gw.metric("gateway_store_up") == 1
+        private_redis.stop()
+        await until(_status_is, http, gw, "/closed", token, 503)
+        async with http.get(f"{gw.url}/closed", headers={"Authorization": f"Bearer {token}"}) as resp:
+            assert resp.status == 503 and resp.headers["Retry-After"].isdigit()
+            assert (await resp.json())["error"] == "temporarily_unavailable"
+        assert await status(http, gw, "/open", token) == 200, "fail_open serves, and counts it"
+        assert gw.metric("gateway_revocation_checks_total", result="stale_open") >= 1
+        assert await status(http, gw, "/closed", short) == 200, "tokens needing no check are unaffected"
+        assert gw.metric("gateway_store_up") == 0
+        assert gw.metric("gateway_revocation_mirror_age_seconds") > 0.3
+        private_redis.start()  # empty again: it keeps nothing on disk
+        await until(_status_is, http, gw, "/closed", token, 200)
+        assert gw.metric("gateway_store_up") == 1
+        code, _ = await admin(http, gw, "POST", "/admin/revocations", json={"jti": "outage-1"})
+        assert code == 201
+        assert await status(http, gw, "/closed", token) == 401
+
+
+async def _status_is(http: aiohttp.ClientSession, gw: RunningGateway, path: str, token: str, code: int) -> bool:
+    return await status(http, gw, path, token) == code
+
+
+class Cuttable:
+    """A TCP relay to Redis that a test can cut (drop connections, refuse new ones) and restore."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self.open = True
+        self._writers: list[asyncio.StreamWriter] = []
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.open:
+            writer.close()
+            return
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self._writers += [writer, up_writer]
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    def cut(self) -> None:
+        self.open = False
+        for writer in self._writers:
+            writer.close()
+        self._writers.clear()
+
+    async def close(self) -> None:
+        self.cut()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+async def test_notice_published_while_disconnected_is_applied_after_reconnect(
+    idp: IdP,
+    upstream: Upstream,
+    tmp_path: Path,
+    private_redis: PrivateRedis,
+    rsa_key: Key,
+    http: aiohttp.ClientSession,
+) -> None:
+    relay = Cuttable(private_redis.port)
+    await relay.start()
+    token = long_lived(rsa_key, jti="missed-1")
+    relayed = f"redis://127.0.0.1:{relay.port}/0"
+    try:
+        async for gw in start_gateway(config(idp, upstream, relayed, "gw:", staleness="60s"), tmp_path):
+            await until(_ready, http, gw)
+            relay.cut()
+            await until(_metric_is, gw, "gateway_store_up", 0)
+            direct = RedisStore(connect_redis(StoreSettings(redis_url=private_redis.url)), "gw:")
+            await direct.add(Revocation("jti", "missed-1", time.time() + HOUR))  # its notice reaches no one
+            await direct.close()
+            assert await status(http, gw, "/closed", token) == 200, "the mirror has not heard of it yet"
+            relay.open = True
+            await until(_refused, http, gw, token)
+    finally:
+        await relay.close()
+
+
+async def _metric_is(gw: RunningGateway, name: str, value: float) -> bool:
+    return gw.metric(name) == value
+
+
+async def test_writes_are_idempotent_and_expired_entries_are_pruned(redis_url: str, key_prefix: str) -> None:
+    store = RedisStore(connect_redis(StoreSettings(redis_url=redis_url)), key_prefix)
+    client: aioredis.Redis = store.client
+    try:
+        await store.add(Revocation("jti", "same", time.time() + HOUR))
+        await store.add(Revocation("jti", "same", time.time() + HOUR))
+        await store.add(Revocation("jti", "gone", time.time() - 1))
+        assert await client.zcard(f"{key_prefix}revoked:jti") == 2
+        jtis, _ = await store.snapshot()
+        assert set(jtis) == {"same"}
+        assert await client.zcard(f"{key_prefix}revoked:jti") == 1
+        assert await store.remove("jti", "same", None) is True
+        assert await store.remove("jti", "same", None) is False
+    finally:
+        await client.delete(f"{key_prefix}revoked:jti")
+        await store.close()
+
+
+def _cli(*args: str, config_path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args, "--config", str(config_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "GW_TEST_ADMIN_TOKEN": ADMIN_TOKEN},
+    )
+
+
+async def test_cli_against_redis_with_no_gateway_running(
+    idp: IdP, upstream: Upstream, tmp_path: Path, redis_url: str, key_prefix: str
+) -> None:
+    path = tmp_path / "gw.yaml"
+    path.write_text(config(idp, upstream, redis_url, key_prefix))
+    done = _cli("revoke", "--jti", "cli-1", "--expires-at", "2099-01-01T00:00:00Z", config_path=path)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["revoked"]["expires_at"] == 4070908800.0
+    done = _cli("revoke", "--subject", "eve", "--before", "1700000000", "--issuer", "corp", config_path=path)
+    assert done.returncode == 0, done.stderr
+    listed = _cli("revocations", "list", "--kind", "subject", config_path=path)
+    assert json.loads(listed.stdout) == {"kind": "subject", "subject": "eve", "issuer": "corp", "before": 1700000000.0}
+    bad = _cli("revoke", "--jti", "x", "--before", "yesterday", config_path=path)
+    assert bad.returncode == 2 and "before" in bad.stderr
+    assert _cli("revocations", "delete", "--jti", "cli-1", config_path=path).returncode == 0
+    assert _cli("revocations", "delete", "--jti", "cli-1", config_path=path).returncode == 1
+    memory = tmp_path / "memory.yaml"
+    memory.write_text(config(idp, upstream))
+    refused = _cli("revoke", "--jti", "x", config_path=memory)
+    assert refused.returncode == 1 and "use its admin API" in refused.stderr
