@@ -13,10 +13,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 
 from gateway.app import Runtime, readiness
+from gateway.metrics import exposition
 from gateway.revoke import RevokeRequest, describe
 from gateway.store import Kind
 
@@ -99,7 +100,7 @@ def page_params(request: web.Request) -> tuple[int, int]:
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[RUNTIME].metrics.registry)
+    body = exposition(request.app[RUNTIME].metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

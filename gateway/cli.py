@@ -38,6 +38,11 @@ def _parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run the gateway")
     run.add_argument("--config", "-c", default=os.environ.get("GATEWAY_CONFIG", DEFAULT_CONFIG))
+    run.add_argument(
+        "--workers", type=int, default=None,
+        help="processes on one port (default: the number of cores with a Redis store, 1 with the memory store)",
+    )  # fmt: skip
+    run.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # set by the supervisor
     run.set_defaults(command=_run)
 
     check = commands.add_parser("check-config", help="validate a config file without starting")
@@ -106,7 +111,19 @@ def _run(args: argparse.Namespace) -> int:
     if settings is None:
         return 1
     logs.setup(settings.log.level)
-    return _run_loop(serve(settings, Path(args.config)))
+    workers = args.workers or ((os.cpu_count() or 1) if settings.store.redis_url else 1)
+    if workers > 1 and not args.worker:
+        if not settings.store.redis_url:
+            print(
+                f"{args.config}: --workers {workers} needs store.redis_url: with the in-process store each worker "
+                "would hold its own revocations",
+                file=sys.stderr,
+            )
+            return 1
+        from gateway.workers import Supervisor
+
+        return Supervisor(args.config, workers, settings.listen.drain_timeout).run()
+    return _run_loop(serve(settings, Path(args.config), reuse_port=args.worker))
 
 
 def _check_config(args: argparse.Namespace) -> int:

@@ -6,7 +6,9 @@ Never a path, a subject or a token.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
 # The *_created series double every counter's output and no dashboard uses them.
 disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in prometheus_client
@@ -28,6 +30,22 @@ _LATENCY_BUCKETS = (
     10.0,
     30.0,
 )
+
+
+def multiprocess() -> bool:
+    """True in `--workers N` mode: values go to shared files and gauges cannot compute themselves at scrape."""
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+def exposition(registry: CollectorRegistry) -> bytes:
+    """What /metrics serves: this process's registry, or the sum of every worker's in multiprocess mode."""
+    if multiprocess():
+        from prometheus_client import multiprocess as mp
+
+        combined = CollectorRegistry()
+        mp.MultiProcessCollector(combined)  # type: ignore[no-untyped-call]  # untyped in prometheus_client
+        return generate_latest(combined)
+    return generate_latest(registry)
 
 
 class Metrics:
@@ -55,7 +73,11 @@ class Metrics:
             ["issuer", "outcome"], registry=r,
         )  # fmt: skip
         self.jwks_keys = Gauge(
-            "gateway_jwks_keys", "Usable signing keys currently held per issuer.", ["issuer"], registry=r
+            "gateway_jwks_keys",
+            "Usable signing keys currently held per issuer.",
+            ["issuer"],
+            registry=r,
+            multiprocess_mode="livemax",
         )
         self.token_cache = Counter(
             "gateway_token_cache_requests_total", "Verified-token cache look-ups by result (hit|miss).",
@@ -80,7 +102,7 @@ class Metrics:
         )  # fmt: skip
         self.introspection_breaker = Gauge(
             "gateway_introspection_breaker_open", "1 while the endpoint's circuit breaker is open, else 0.",
-            ["endpoint"], registry=r,
+            ["endpoint"], registry=r, multiprocess_mode="livemax",
         )  # fmt: skip
         self.revocation_checks = Counter(
             "gateway_revocation_checks_total",
@@ -88,10 +110,17 @@ class Metrics:
             ["result"], registry=r,
         )  # fmt: skip
         self.revoked_tokens = Gauge(
-            "gateway_revoked_tokens", "Revoked token IDs held in this instance's revocation mirror.", registry=r
+            "gateway_revoked_tokens",
+            "Revoked token IDs held in this instance's revocation mirror.",
+            registry=r,
+            multiprocess_mode="livemax",
         )
         self.revocation_mirror_age = Gauge(
             "gateway_revocation_mirror_age_seconds",
             "Seconds since the revocation mirror was last confirmed current with the store.", registry=r,
+            multiprocess_mode="livemax",
         )  # fmt: skip
-        self.store_up = Gauge("gateway_store_up", "1 while the store (Redis) is reachable, else 0.", registry=r)
+        self.store_up = Gauge(
+            "gateway_store_up", "1 while the store (Redis) is reachable, else 0.", registry=r,
+            multiprocess_mode="livemin",
+        )  # fmt: skip

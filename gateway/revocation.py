@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 
 from gateway import errors
 from gateway.identity import Identity
-from gateway.metrics import Metrics
+from gateway.metrics import Metrics, multiprocess
 from gateway.store import SEPARATOR, MemoryStore, RedisStore, RevocationStore
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,8 @@ class Mirror:
         if isinstance(store, MemoryStore):
             store.listener = self.apply
             self.synced.set()
-        metrics.revocation_mirror_age.set_function(self.age)
+        if not multiprocess():  # computed at scrape; in multiprocess mode the sync loop writes it instead
+            metrics.revocation_mirror_age.set_function(self.age)
         metrics.store_up.set(1 if self._always_current else 0)
 
     def age(self) -> float:
@@ -100,6 +101,7 @@ class Mirror:
             try:
                 await self._follow(self.store)
             except (RedisError, OSError, TimeoutError) as exc:
+                self._publish_age()
                 if self._up:
                     log.error("store unreachable; revocation mirror is ageing", extra={"error": type(exc).__name__})
                 self._set_up(False)
@@ -107,6 +109,10 @@ class Mirror:
                 backoff = min(backoff * 2, 2.0)
             else:
                 backoff = 0.05
+
+    def _publish_age(self) -> None:
+        if multiprocess():
+            self._metrics.revocation_mirror_age.set(self.age())
 
     def _set_up(self, up: bool) -> None:
         self._up = up
@@ -125,6 +131,7 @@ class Mirror:
             while True:
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=self._heartbeat)
                 now = time.monotonic()
+                self._publish_age()
                 if message is not None and message["type"] == "message":
                     self.apply(message["data"])
                     self._confirmed = now

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
+import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,7 @@ from gateway.config import Settings
 from gateway.metrics import Metrics
 
 log = logging.getLogger(__name__)
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 @dataclass
@@ -39,10 +42,17 @@ def new_session() -> aiohttp.ClientSession:
 class Server:
     """One gateway process: start, reload on demand, drain and stop."""
 
-    def __init__(self, settings: Settings, config_path: Path | None = None, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        config_path: Path | None = None,
+        metrics: Metrics | None = None,
+        reuse_port: bool = False,
+    ) -> None:
         self.settings = settings
         self.config_path = config_path
         self.metrics = metrics or Metrics()
+        self.reuse_port = reuse_port
         self.runtime: Runtime | None = None
         self._runners: list[web.BaseRunner] = []
         self._stopping = asyncio.Event()
@@ -66,8 +76,10 @@ class Server:
         for runner in (proxy_runner, admin_runner):
             await runner.setup()
             self._runners.append(runner)
-        proxy_site = web.TCPSite(proxy_runner, listen.host, listen.port, reuse_port=True)
-        admin_site = web.TCPSite(admin_runner, self.settings.admin.host, self.settings.admin.port)
+        # SO_REUSEPORT only for --workers: otherwise a second gateway on the same port would start silently.
+        shared = self.reuse_port
+        proxy_site = web.TCPSite(proxy_runner, listen.host, listen.port, reuse_port=shared)
+        admin_site = web.TCPSite(admin_runner, self.settings.admin.host, self.settings.admin.port, reuse_port=shared)
         await proxy_site.start()
         await admin_site.start()
         ports = Listening(_port(proxy_runner), _port(admin_runner))
@@ -116,15 +128,26 @@ class Server:
             await self.runtime.close()
 
 
+def _stop_with_parent(server: Server) -> None:
+    """A worker whose supervisor dies (even by SIGKILL) gets SIGTERM from the kernel and drains, never lingers."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        log.warning("cannot ask the kernel to stop this worker with its supervisor (not Linux?)")
+    if os.getppid() == 1:  # the supervisor died before prctl took effect
+        server.request_stop()
+
+
 def _port(runner: web.BaseRunner) -> int:
     for address in runner.addresses:
         return int(address[1])
     raise RuntimeError("the listener has no address")
 
 
-async def serve(settings: Settings, config_path: Path | None) -> None:
+async def serve(settings: Settings, config_path: Path | None, reuse_port: bool = False) -> None:
     """Run until SIGTERM or SIGINT; SIGHUP reloads."""
-    server = Server(settings, config_path)
+    server = Server(settings, config_path, reuse_port=reuse_port)
     await server.start()
     loop = asyncio.get_running_loop()
     reloads: set[asyncio.Task[bool]] = set()
@@ -140,6 +163,8 @@ async def serve(settings: Settings, config_path: Path | None) -> None:
     loop.add_signal_handler(signal.SIGTERM, server.request_stop)
     loop.add_signal_handler(signal.SIGINT, server.request_stop)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
+    if reuse_port:
+        _stop_with_parent(server)
     await server.wait()
     log.info("stopping: draining in-flight requests", extra={"drain_timeout_s": settings.listen.drain_timeout})
     await server.stop()

@@ -1,0 +1,114 @@
+"""`gateway run --workers N`: N processes on one port (SO_REUSEPORT), supervised by this one.
+
+Each worker is a whole gateway (own event loop, own revocation mirror); the kernel spreads connections across
+them. Metrics go to a shared PROMETHEUS_MULTIPROC_DIR so any worker's /metrics shows the sum. A worker that dies
+is restarted (with backoff if it keeps dying); SIGTERM and SIGHUP are passed on to every worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from types import FrameType
+
+log = logging.getLogger(__name__)
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+_MAX_BACKOFF = 10.0
+
+
+class Supervisor:
+    def __init__(self, config_path: str, workers: int, drain_timeout: float) -> None:
+        self.config_path = config_path
+        self.count = workers
+        self.drain_timeout = drain_timeout
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}  # slot -> process
+        self._restarts: dict[int, tuple[int, float]] = {}  # slot -> (recent failures, not before)
+        self._stopping = False
+        self._hup = False
+        self.metrics_dir = ""
+
+    def run(self) -> int:
+        owned_dir = MULTIPROC_ENV not in os.environ
+        metrics_dir = os.environ.get(MULTIPROC_ENV) or tempfile.mkdtemp(prefix="gateway-metrics-")
+        _wipe(metrics_dir)  # files from an earlier run would be summed into this one's
+        self.metrics_dir = metrics_dir
+        env = {**os.environ, MULTIPROC_ENV: metrics_dir}
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_hup)
+        log.info("starting workers", extra={"workers": self.count, "metrics_dir": metrics_dir})
+        try:
+            for slot in range(self.count):
+                self._spawn(slot, env)
+            while not self._stopping:
+                self._supervise(env)
+                time.sleep(0.1)
+            return self._shutdown()
+        finally:
+            if owned_dir:
+                shutil.rmtree(metrics_dir, ignore_errors=True)
+
+    def _spawn(self, slot: int, env: dict[str, str]) -> None:
+        cmd = [sys.executable, "-m", "gateway", "run", "--config", self.config_path, "--worker"]
+        self.procs[slot] = subprocess.Popen(cmd, env=env)  # noqa: S603 - our own interpreter and module
+
+    def _supervise(self, env: dict[str, str]) -> None:
+        if self._hup:
+            self._hup = False
+            self._signal_all(signal.SIGHUP)
+        now = time.monotonic()
+        for slot, proc in list(self.procs.items()):
+            code = proc.poll()
+            if code is None:
+                continue
+            failures, not_before = self._restarts.get(slot, (0, 0.0))
+            if not_before == 0.0:
+                failures += 1
+                not_before = now + min(_MAX_BACKOFF, 0.1 * 2**failures)
+                self._restarts[slot] = (failures, not_before)
+                log.error("worker exited; restarting", extra={"pid": proc.pid, "code": code, "slot": slot})
+                _mark_dead(proc.pid, self.metrics_dir)
+            if now >= not_before:
+                self._restarts[slot] = (failures, 0.0)
+                self._spawn(slot, env)
+
+    def _shutdown(self) -> int:
+        self._signal_all(signal.SIGTERM)
+        deadline = time.monotonic() + self.drain_timeout + 5
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        return 0
+
+    def _signal_all(self, sig: signal.Signals) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(sig)
+
+    def _on_stop(self, signum: int, frame: FrameType | None) -> None:
+        self._stopping = True
+
+    def _on_hup(self, signum: int, frame: FrameType | None) -> None:
+        self._hup = True
+
+
+def _wipe(directory: str) -> None:
+    for name in os.listdir(directory):
+        if name.endswith(".db"):
+            os.remove(os.path.join(directory, name))
+
+
+def _mark_dead(pid: int, metrics_dir: str) -> None:
+    """Drop the dead worker's live gauges (its counters stay: they are part of the totals)."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid, metrics_dir)  # type: ignore[no-untyped-call]  # untyped in prometheus_client
