@@ -35,6 +35,7 @@ from gateway.signing import Signer
 from gateway.store import MemoryStore, RedisStore, RevocationStore, connect_redis
 from gateway.verify import Judge
 from gateway.verify.cache import TokenCache
+from gateway.verify.introspection import Introspector, build_introspectors
 from gateway.verify.jwks import IssuerKeys
 from gateway.verify.jwt_local import JwtVerifier, Verified
 from gateway.verify.keys import KeySet, VerificationKey, from_pem_file
@@ -62,6 +63,7 @@ class Gateway:
     routes: RouteTable[Route]
     issuers: dict[str, IssuerKeys]
     signer: Signer | None
+    introspectors: dict[str, Introspector] = field(default_factory=dict)
 
     def not_ready(self) -> list[str]:
         return [f"issuer {name} has no keys" for name, keys in self.issuers.items() if not keys.ready]
@@ -100,7 +102,6 @@ class Runtime:
             store = RedisStore(connect_redis(settings.store), settings.store.key_prefix)
         else:
             store = MemoryStore()
-            log.warning("no store.redis_url: using the in-process memory store, which serves this one instance only")
         mirror = Mirror(store, metrics, settings.store.resync_interval, settings.store.max_staleness)
         check = RevocationCheck(mirror, metrics, settings.store.max_staleness)
         return cls(metrics=metrics, session=session, store=store, mirror=mirror, revocation=check)
@@ -129,8 +130,19 @@ def build_gateway(settings: Settings, runtime: Runtime, previous: Gateway | None
             issuers[issuer.name] = _issuer_keys(issuer, runtime, signer)
     own = settings.tokens.issuer if settings.tokens else None
     verifier = JwtVerifier(issuers, TokenCache[Verified](settings.cache.verified_tokens, runtime.metrics), own)
-    table = RouteTable([(Matcher.compile(r.match), _route(r, verifier, runtime)) for r in settings.routes])
-    return Gateway(settings=settings, routes=table, issuers=issuers, signer=signer)
+    shared = runtime.store if isinstance(runtime.store, RedisStore) else None
+    introspectors = build_introspectors(
+        settings.introspection,
+        runtime.session,
+        runtime.metrics,
+        redis=shared.client if shared else None,
+        prefix=shared.prefix if shared else "",
+        previous=previous.introspectors if previous else {},
+    )
+    table = RouteTable(
+        [(Matcher.compile(r.match), _route(r, verifier, introspectors, runtime)) for r in settings.routes]
+    )
+    return Gateway(settings=settings, routes=table, issuers=issuers, signer=signer, introspectors=introspectors)
 
 
 def own_issuer_settings(settings: Settings) -> IssuerSettings:
@@ -161,7 +173,9 @@ def _issuer_keys(issuer: IssuerSettings, runtime: Runtime, signer: Signer | None
     return IssuerKeys(issuer, None if static else runtime.session, runtime.metrics, static=static)
 
 
-def _route(settings: RouteSettings, verifier: JwtVerifier, runtime: Runtime) -> Route:
+def _route(
+    settings: RouteSettings, verifier: JwtVerifier, introspectors: Mapping[str, Introspector], runtime: Runtime
+) -> Route:
     auth = settings.auth
     judge = None
     if auth.mode != "none":
@@ -172,6 +186,8 @@ def _route(settings: RouteSettings, verifier: JwtVerifier, runtime: Runtime) -> 
             revocation=runtime.revocation,
             revocation_policy=auth.revocation,
             fail_open=auth.on_unavailable == "fail_open",
+            mode=auth.mode,
+            introspector=introspectors[auth.introspection] if auth.introspection else None,
         )
     return Route(
         name=settings.name,

@@ -60,6 +60,8 @@ class Server:
         self._mirror_task: asyncio.Task[None] | None = None
 
     async def start(self) -> Listening:
+        if not self.settings.store.redis_url:
+            log.warning("no store.redis_url: using the in-process memory store, which serves this one instance only")
         runtime = Runtime.create(self.settings, self.metrics, new_session())
         self.runtime = runtime
         self._mirror_task = asyncio.create_task(runtime.mirror.run(), name="revocation-mirror")

@@ -187,7 +187,7 @@ def test_committed_json_schema_is_generated_from_the_models() -> None:
 
 def test_check_config_cli(tmp_path: Path) -> None:
     good = _example_copy(tmp_path)
-    env = {**os.environ, "LEGACY_HMAC_SECRET": "x" * 32}
+    env = {**os.environ, "LEGACY_HMAC_SECRET": "x" * 32, "INTROSPECTION_SECRET": "s3cret"}
     ok = subprocess.run(
         [sys.executable, "-m", "gateway", "check-config", str(good)], capture_output=True, text=True, env=env
     )
