@@ -32,7 +32,9 @@ from gateway.metrics import Metrics
 from gateway.revocation import Mirror, RevocationCheck
 from gateway.routing import Matcher, RouteTable
 from gateway.signing import Signer
-from gateway.store import MemoryStore, RedisStore, RevocationStore, connect_redis
+from gateway.store import MemoryStore, RedisStore, RevocationStore, Store, connect_redis
+from gateway.tokens import ACCESS_TYP, PUBLIC_PATHS, TokenService, serve_public
+from gateway.usage import UsageTracker
 from gateway.verify import Judge
 from gateway.verify.cache import TokenCache
 from gateway.verify.introspection import Introspector, build_introspectors
@@ -78,6 +80,8 @@ class Runtime:
     store: RevocationStore
     mirror: Mirror
     revocation: RevocationCheck
+    tokens: TokenService  # the gateway's own tokens: mint, list, revoke, refresh grant
+    usage: UsageTracker  # last use of minted tokens, written off the request path
     gateway: Gateway | None = None
     draining: bool = False
     refreshers: dict[int, asyncio.Task[None]] = field(default_factory=dict)
@@ -87,6 +91,8 @@ class Runtime:
         fresh = [keys for keys in gateway.issuers.values() if id(keys) not in self.refreshers]
         await asyncio.gather(*(keys.refresh() for keys in fresh if not keys.ready))
         self.gateway = gateway
+        if gateway.settings.tokens is not None:
+            self.usage.interval = gateway.settings.tokens.last_use_interval
         wanted = {id(keys): keys for keys in gateway.issuers.values()}
         for key_id in list(self.refreshers):
             if key_id not in wanted:
@@ -97,14 +103,18 @@ class Runtime:
 
     @classmethod
     def create(cls, settings: Settings, metrics: Metrics, session: aiohttp.ClientSession) -> Runtime:
-        store: RevocationStore
+        store: Store
         if settings.store.redis_url:
             store = RedisStore(connect_redis(settings.store), settings.store.key_prefix)
         else:
             store = MemoryStore()
         mirror = Mirror(store, metrics, settings.store.resync_interval, settings.store.max_staleness)
         check = RevocationCheck(mirror, metrics, settings.store.max_staleness)
-        return cls(metrics=metrics, session=session, store=store, mirror=mirror, revocation=check)
+        usage = UsageTracker(store, settings.tokens.last_use_interval if settings.tokens else 60.0)
+        tokens = TokenService(store, check, usage)
+        return cls(
+            metrics=metrics, session=session, store=store, mirror=mirror, revocation=check, tokens=tokens, usage=usage
+        )
 
     async def close(self) -> None:
         for task in self.refreshers.values():
@@ -154,6 +164,7 @@ def own_issuer_settings(settings: Settings) -> IssuerSettings:
         keys=tuple(StaticKey(pem_file=path) for path in settings.tokens.key_files),
         audiences=settings.tokens.audiences,
         algorithms=("ES256", "RS256", "EdDSA"),
+        require_typ=ACCESS_TYP,  # refresh keys (typ rt+jwt) are not bearer tokens
         long_lived_after=0,
     )
 
@@ -208,6 +219,10 @@ class Handler:
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         gateway = self.runtime.gateway
         assert gateway is not None  # noqa: S101 - installed before the listener starts
+        if gateway.signer is not None and gateway.settings.tokens is not None and request.path in PUBLIC_PATHS:
+            # JWKS, discovery and the refresh grant of the gateway's own issuer, before route matching.
+            issuer = self.runtime.tokens.issuer(gateway.settings.tokens, gateway.signer)
+            return await serve_public(request, self.runtime.tokens, issuer)
         started = time.perf_counter()
         route_name = "unmatched"
         identity: Identity | None = None
@@ -244,6 +259,8 @@ class Handler:
             self.metrics.auth_decisions.labels(route.name, outcome, exc.reason).inc()
             raise
         self.metrics.auth_decisions.labels(route.name, "allow", "ok").inc()
+        if identity.issuer == GATEWAY_ISSUER_NAME and identity.token_id is not None:
+            self.runtime.usage.record(identity.token_id, request.remote, request.headers.get("User-Agent"))
         return identity
 
 

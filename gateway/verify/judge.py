@@ -1,13 +1,25 @@
-"""One route's judgement of a token, by its `auth.mode`: verify, then apply the route's policy."""
+"""One route's judgement of a token, by its `auth.mode`: find who the token speaks for, then apply the route's rules.
+
+    jwt                 verified locally; anything else is refused
+    introspect          every token is asked of the introspection endpoint (RFC 7662)
+    jwt_or_introspect   a JWT from one of the route's issuers is verified locally, and refused if it fails;
+                        an opaque token, or a JWT from any other issuer (`NotMine`), is introspected
+
+Whichever way, the same revocation check and the same route policy follow; a cached identity meets them again.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from gateway.identity import Identity
 from gateway.revocation import Policy, RevocationCheck
+from gateway.verify.introspection import Introspector
 from gateway.verify.jwt_local import JwtVerifier, NotMine
 from gateway.verify.policy import RoutePolicy
+
+Mode = Literal["jwt", "introspect", "jwt_or_introspect"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,14 +29,32 @@ class Judge:
     policy: RoutePolicy
     revocation: RevocationCheck
     revocation_policy: Policy
-    fail_open: bool  # on_unavailable: fail_open
+    fail_open: bool  # on_unavailable: fail_open (a stale revocation mirror; introspection failures always refuse)
+    mode: Mode
+    introspector: Introspector | None = None  # required by introspect and jwt_or_introspect
+
+    def __post_init__(self) -> None:
+        if self.mode != "jwt" and self.introspector is None:
+            raise ValueError(f"auth mode {self.mode} needs an introspection endpoint")
 
     async def judge(self, token: str) -> Identity:
-        try:
-            identity = await self.verifier.verify(token, self.issuers)
-        except NotMine as exc:
-            raise exc.error from None
+        identity = await self._identify(token)
         # Revocation before the route's rules: a revoked token is reported as revoked, whatever its scopes.
         self.revocation.check(identity, self.revocation_policy, self.fail_open)
         self.policy.check(identity)
         return identity
+
+    async def _identify(self, token: str) -> Identity:
+        if self.mode == "introspect":
+            return await self._introspect(token)
+        try:
+            return await self.verifier.verify(token, self.issuers)
+        except NotMine as exc:
+            if self.mode == "jwt":
+                raise exc.error from None
+        # Not a JWT, or not from one of this route's issuers: the authorization server decides.
+        return await self._introspect(token)
+
+    async def _introspect(self, token: str) -> Identity:
+        assert self.introspector is not None  # noqa: S101 - __post_init__ checks
+        return await self.introspector.introspect(token)
