@@ -126,6 +126,9 @@ def cross_reference_problems(settings: Settings) -> Iterator[str]:
     """Names that point nowhere, duplicates, and files that do not exist."""
     issuer_names = {i.name for i in settings.issuers}
     introspection_names = {i.name for i in settings.introspection}
+    if GATEWAY_ISSUER_NAME in introspection_names:
+        # Identities carry the issuer or endpoint name; "gateway" must always mean a token the gateway minted.
+        yield f"introspection: the name '{GATEWAY_ISSUER_NAME}' is reserved for the gateway's own issuer"
     if settings.tokens is not None:
         if GATEWAY_ISSUER_NAME in issuer_names:
             yield f"issuers: the name '{GATEWAY_ISSUER_NAME}' is reserved for the gateway's own issuer (tokens:)"
