@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from dataclasses import dataclass
 from http.cookies import SimpleCookie
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import unquote_plus
 
 import aiohttp
 from aiohttp import web
@@ -31,9 +32,11 @@ HOP_BY_HOP = frozenset(
 )  # fmt: skip
 _SMALL_BODY = 64 * 1024
 _NO_BODY_STATUSES = frozenset({204, 304})
+_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # all but HTAB (RFC 9110 §5.5)
 # aiohttp would otherwise add its own Accept/User-Agent/... when the client sent none: the upstream sees the client's.
 _SKIP_AUTO = frozenset({"Accept", "Accept-Encoding", "User-Agent", "Content-Type"})
 _WS_HANDSHAKE = frozenset({"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions"})
+_WS_CLOSE_TIMEOUT = 10.0  # once one side closed, how long the other may take to finish its close
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +60,8 @@ class Upstream:
         identity = tuple(route.forward.identity_headers.items())
         token = route.auth.token
         remove = route.forward.remove_credential and route.auth.mode != "none"
-        removed = set(HOP_BY_HOP) | {"host", "x-forwarded-proto", "x-forwarded-host"}
+        # expect: the gateway answers 100-continue itself (see forward()).
+        removed = set(HOP_BY_HOP) | {"host", "x-forwarded-proto", "x-forwarded-host", "expect"}
         removed |= {name.lower() for name, _ in identity}
         if remove and token.source in ("authorization", "header"):
             removed.add("authorization" if token.source == "authorization" else (token.name or "").lower())
@@ -80,9 +84,9 @@ class Upstream:
             path = path[len(self.strip_prefix.rstrip("/")) :] or "/"
         query = request.rel_url.raw_query_string
         if query and self.credential_source == "query":
-            query = urlencode(
-                [(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k != self.credential_name]
-            )
+            # Drop only the credential's pairs and keep the others byte for byte: decoding and re-encoding the
+            # whole query (parse_qsl + urlencode) changed %20 into +, `flag` into `flag=`, and so on.
+            query = "&".join(pair for pair in query.split("&") if _query_key(pair) != self.credential_name)
         return URL(f"{self.origin}{self.base_path}{path}{'?' + query if query else ''}", encoded=True)
 
     def headers(self, request: web.BaseRequest, identity: Identity | None) -> CIMultiDict[str]:
@@ -111,9 +115,16 @@ class Upstream:
         if identity is not None:
             for header, claim in self.identity_headers:
                 text = identity.claim_text(claim)
-                if text is not None and "\n" not in text and "\r" not in text:
+                # A claim with control characters cannot be a header value (CR/LF would split it; NUL and the
+                # rest made the HTTP client raise: a 500 for a valid token). The header is left out instead.
+                if text is not None and not _CONTROL_CHARS.search(text):
                     out[header] = text
         return out
+
+
+def _query_key(pair: str) -> str:
+    """The decoded name of one raw `name=value` query pair (as parse_qsl would decode it)."""
+    return unquote_plus(pair.partition("=")[0])
 
 
 def _without_cookie(header: str, name: str) -> str:
@@ -126,7 +137,13 @@ def _without_cookie(header: str, name: str) -> str:
 
 
 def is_websocket(request: web.BaseRequest) -> bool:
-    return request.headers.get("Upgrade", "").lower() == "websocket"
+    """A WebSocket opening handshake: `Upgrade: websocket` that `Connection` names (RFC 6455 §4.1).
+
+    `Upgrade` alone is not one (RFC 9110 §7.8: it only counts when listed in Connection); such a request is
+    forwarded as a plain one, with Upgrade removed like every hop-by-hop header.
+    """
+    connection = {t.strip().lower() for v in request.headers.getall("Connection", ()) for t in v.split(",")}
+    return "upgrade" in connection and request.headers.get("Upgrade", "").strip().lower() == "websocket"
 
 
 async def forward(
@@ -138,6 +155,11 @@ async def forward(
     if is_websocket(request):
         return await _forward_websocket(request, session, upstream, url, headers)
     body = request.content if request.body_exists else None
+    if body is not None and request.version >= (1, 1) and request.headers.get("Expect", "").lower() == "100-continue":
+        # The client holds its body back until told to send it (RFC 9110 §10.1.1); nothing else would tell it
+        # (curl waits a second per upload, others for ever). Said only now, once the token has been judged, so a
+        # refused upload never crosses the network.
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=upstream.connect_timeout)
     try:
         async with asyncio.timeout(upstream.timeout):
@@ -145,11 +167,13 @@ async def forward(
                 request.method, url, headers=headers, data=body, allow_redirects=False,
                 timeout=timeout, skip_auto_headers=_SKIP_AUTO,
             )  # fmt: skip
-    except TimeoutError:
-        raise errors.UpstreamTimeout() from None
     except aiohttp.ClientError as exc:
+        # Before TimeoutError: aiohttp's connect timeout (ConnectionTimeoutError) is both a ClientError and a
+        # TimeoutError, and an upstream that cannot be reached is 502 (connect_timeout), not 504.
         log.warning("upstream request failed", extra={"upstream": upstream.origin, "error": type(exc).__name__})
         raise errors.UpstreamUnavailable() from None
+    except TimeoutError:
+        raise errors.UpstreamTimeout() from None
     try:
         return await _relay(request, answer)
     finally:
@@ -175,8 +199,20 @@ async def _relay(request: web.BaseRequest, answer: aiohttp.ClientResponse) -> we
     if length is not None:
         response.content_length = length
     await response.prepare(request)
-    async for chunk in answer.content.iter_any():
-        await response.write(chunk)
+    while True:
+        try:
+            chunk = await answer.content.readany()
+        except aiohttp.ClientError as exc:  # ClientPayloadError, ServerDisconnectedError: the upstream broke off
+            # The status line is out, so no error status can be sent. Returning normally would let aiohttp write
+            # the final chunk and pass a cut-off body off as complete; closing the connection short of it (or of
+            # Content-Length) is how HTTP/1.1 tells the client the answer is incomplete.
+            log.warning("upstream broke off its answer", extra={"error": type(exc).__name__})
+            if request.transport is not None:
+                request.transport.close()
+            raise errors.UpstreamUnavailable("the upstream broke off its answer") from None
+        if not chunk:
+            break
+        await response.write(chunk)  # waits while the client's socket buffer is full: memory stays flat
     await response.write_eof()
     return response
 
@@ -189,38 +225,67 @@ async def _forward_websocket(
     headers: CIMultiDict[str],
 ) -> web.StreamResponse:
     protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
+    if not web.WebSocketResponse(protocols=protocols).can_prepare(request).ok:
+        # Checked before connecting upstream: a handshake we cannot complete towards the client (bad key, version,
+        # method) used to open an upstream WebSocket, leak it, and answer 500.
+        raise errors.InvalidRequest("not a valid WebSocket handshake")
     for name in list(headers):
         if name.lower() in _WS_HANDSHAKE or name.lower() == "sec-websocket-protocol":
             headers.popall(name, None)
     try:
         async with asyncio.timeout(upstream.timeout):
-            upstream_ws = await session.ws_connect(url, headers=headers, protocols=protocols, autoping=False)
+            upstream_ws = await session.ws_connect(
+                url, headers=headers, protocols=protocols, autoping=False, autoclose=False
+            )
+    except aiohttp.ClientError:  # before TimeoutError, as in forward()
+        raise errors.UpstreamUnavailable() from None
     except TimeoutError:
         raise errors.UpstreamTimeout() from None
-    except aiohttp.ClientError:
-        raise errors.UpstreamUnavailable() from None
-    client_ws = web.WebSocketResponse(protocols=[upstream_ws.protocol] if upstream_ws.protocol else (), autoping=False)
-    await client_ws.prepare(request)
     async with upstream_ws:
+        # autoclose off on both sides: a pump answers a close only after relaying it, so the far side hears the
+        # real close code before this side may hang up (which cancels this handler).
+        client_ws = web.WebSocketResponse(
+            protocols=[upstream_ws.protocol] if upstream_ws.protocol else (), autoping=False, autoclose=False
+        )
+        await client_ws.prepare(request)
         pumps = [
-            asyncio.create_task(_pump(client_ws, upstream_ws)),
-            asyncio.create_task(_pump(upstream_ws, client_ws)),
+            asyncio.create_task(_pump(client_ws, upstream_ws, towards_client=False)),
+            asyncio.create_task(_pump(upstream_ws, client_ws, towards_client=True)),
         ]
         try:
-            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+            _, pending = await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+            # Closing one side ends the other pump too; let it finish its close rather than cut it off.
+            await asyncio.wait(pending, timeout=_WS_CLOSE_TIMEOUT)
         finally:
             for task in pumps:
                 task.cancel()
             await asyncio.gather(*pumps, return_exceptions=True)
+            if not upstream_ws.closed:  # the client went away (this handler was cancelled): tell the upstream so
+                await upstream_ws.close(code=aiohttp.WSCloseCode.GOING_AWAY)
     await client_ws.close()
     return client_ws
+
+
+def _relayable_close_code(code: int | None, towards_client: bool) -> int:
+    """The close code to pass on. 1005/1006/1015 report a missing code or a dropped connection and must never be
+    sent in a close frame (RFC 6455 §7.4.1): the client then hears 1014 (bad gateway), the upstream 1001 (going
+    away)."""
+    if not code or code == 1005:  # none given (an empty close frame reads as 0)
+        return aiohttp.WSCloseCode.OK
+    if code in (aiohttp.WSCloseCode.ABNORMAL_CLOSURE, 1015):
+        return aiohttp.WSCloseCode.BAD_GATEWAY if towards_client else aiohttp.WSCloseCode.GOING_AWAY
+    return code
 
 
 async def _pump(
     source: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
     sink: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+    towards_client: bool,
 ) -> None:
-    async for message in source:
+    """Relay messages from source to sink until source closes; then close sink with source's code, and only then
+    answer source's close."""
+    while True:
+        message = await source.receive()
         if message.type == aiohttp.WSMsgType.TEXT:
             await sink.send_str(message.data)
         elif message.type == aiohttp.WSMsgType.BINARY:
@@ -229,4 +294,12 @@ async def _pump(
             await sink.ping(message.data)
         elif message.type == aiohttp.WSMsgType.PONG:
             await sink.pong(message.data)
-    await sink.close(code=source.close_code or aiohttp.WSCloseCode.OK)
+        elif message.type == aiohttp.WSMsgType.CLOSE:
+            code = _relayable_close_code(message.data, towards_client)
+            await sink.close(code=code, message=(message.extra or "").encode())  # a reason fits in 123 bytes
+            await source.close(code=code)
+            return
+        else:  # CLOSING (the other pump is closing source), CLOSED or ERROR (the connection broke)
+            broken = message.type != aiohttp.WSMsgType.CLOSING
+            await sink.close(code=_relayable_close_code(1006 if broken else None, towards_client))
+            return

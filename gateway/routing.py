@@ -57,7 +57,10 @@ def _bare_host(host: str) -> str:
     host = host.lower()
     if host.startswith("["):  # [::1]:8080
         return host[: host.find("]") + 1]
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    host = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    # "admin.example.com." is the same name as "admin.example.com" (and upstreams treat it so): without this, the
+    # trailing dot skipped a host-restricted route and fell through to a later, perhaps more open, one.
+    return host.removesuffix(".")
 
 
 def _host_pattern(host: str) -> re.Pattern[str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from gateway import configfile
+from gateway import configfile, errors
 from gateway.admin import admin_app
 from gateway.app import Handler, Runtime, build_gateway
 from gateway.config import Settings
@@ -65,9 +65,10 @@ class Server:
         runtime = Runtime.create(self.settings, self.metrics, new_session())
         self.runtime = runtime
         self._mirror_task = asyncio.create_task(runtime.mirror.run(), name="revocation-mirror")
+        runtime.usage.start()
         await runtime.install(build_gateway(self.settings, runtime))
         listen = self.settings.listen
-        proxy_server = web.Server(
+        proxy_server = _ProxyServer(
             Handler(runtime),
             handler_cancellation=True,
             max_field_size=listen.max_header_bytes,
@@ -120,14 +121,38 @@ class Server:
         """Stop accepting, let in-flight requests finish (up to drain_timeout), then close everything."""
         if self.runtime is not None:
             self.runtime.draining = True
-        for runner in reversed(self._runners):
+        # The proxy first, the admin listener last (the order they were set up in): while in-flight requests
+        # drain, /readyz still answers 503 "draining" and /metrics can be scraped. (In reverse order the admin
+        # listener was gone before the drain began, and "draining" was never seen.)
+        for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()
         if self._mirror_task is not None:
             self._mirror_task.cancel()
             await asyncio.gather(self._mirror_task, return_exceptions=True)
         if self.runtime is not None:
+            await self.runtime.usage.stop()  # writes the last uses still pending
             await self.runtime.close()
+
+
+class _JsonErrors(web.RequestHandler):
+    """aiohttp answers a request it cannot parse with a text/plain 400 that quotes the offending bytes back: a header
+    line with its bearer token, a request line with its query string. Answer in the gateway's JSON error format
+    instead, quoting nothing (the log line is kept, minus the bytes: see logs.MalformedRequests)."""
+
+    def handle_error(
+        self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None
+    ) -> web.StreamResponse:
+        super().handle_error(request, status, exc, message)  # logs; raises if the answer had already begun
+        error = errors.InvalidRequest("malformed HTTP request") if status == 400 else errors.GatewayError()
+        response = web.json_response(error.body(), status=status)
+        response.force_close()
+        return response
+
+
+class _ProxyServer(web.Server):
+    def __call__(self) -> web.RequestHandler:
+        return _JsonErrors(self, loop=self._loop, **self._kwargs)
 
 
 def _stop_with_parent(server: Server) -> None:

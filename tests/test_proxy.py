@@ -1,0 +1,555 @@
+"""Forwarding through a live gateway: headers in and out, identity, credential removal, paths, upstream failures."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import json
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from yarl import URL
+
+from gateway import configfile
+from tests.support import (
+    AUDIENCE,
+    ISSUER,
+    IdP,
+    Key,
+    RichUpstream,
+    RunningGateway,
+    pattern_bytes,
+    raw_http_request,
+    refusing_port,
+    start_gateway,
+    unresponsive_port,
+)
+
+
+def config(idp: IdP, up: str, refused: int) -> str:
+    return f"""
+issuers:
+  - name: corp
+    issuer: {ISSUER}
+    jwks_uri: {idp.url}/jwks
+    audiences: [{AUDIENCE}]
+    algorithms: [RS256, ES256, EdDSA]
+routes:
+  - name: api
+    match: {{path_prefix: /api}}
+    upstream: {{url: "{up}", strip_prefix: /api}}
+    auth: {{mode: jwt, issuers: [corp]}}
+    forward: {{identity_headers: {{X-Auth-Subject: sub, X-Auth-Scopes: scp, X-Auth-Admin: admin, X-Auth-Aud: aud}}}}
+  - name: keep
+    match: {{path_prefix: /keep}}
+    upstream: {{url: "{up}"}}
+    auth: {{mode: jwt, issuers: [corp]}}
+    forward: {{remove_credential: false}}
+  - name: header-token
+    match: {{path_prefix: /hdr}}
+    upstream: {{url: "{up}"}}
+    auth: {{mode: jwt, issuers: [corp], token: {{source: header, name: X-Api-Token}}}}
+  - name: cookie-token
+    match: {{path_prefix: /ck}}
+    upstream: {{url: "{up}"}}
+    auth: {{mode: jwt, issuers: [corp], token: {{source: cookie, name: session}}}}
+  - name: query-token
+    match: {{path_prefix: /qt}}
+    upstream: {{url: "{up}"}}
+    auth: {{mode: jwt, issuers: [corp], token: {{source: query, name: access_token}}}}
+  - name: strip
+    match: {{path_prefix: /svc}}
+    upstream: {{url: "{up}/base/", strip_prefix: /svc}}
+    auth: {{mode: none}}
+  - name: based
+    match: {{path_prefix: /based}}
+    upstream: {{url: "{up}/v2"}}
+    auth: {{mode: none}}
+  - name: kept-host
+    match: {{path_prefix: /kept-host}}
+    upstream: {{url: "{up}", preserve_host: true}}
+    auth: {{mode: none}}
+  - name: refused
+    match: {{path_prefix: /refused}}
+    upstream: {{url: "http://127.0.0.1:{refused}"}}
+    auth: {{mode: none}}
+  - name: impatient
+    match: {{path_prefix: /slow}}
+    upstream: {{url: "{up}", timeout: 300ms}}
+    auth: {{mode: none}}
+  - name: open
+    match: {{path_prefix: /}}
+    upstream: {{url: "{up}"}}
+    auth: {{mode: none}}
+"""
+
+
+@pytest.fixture
+async def gw(idp: IdP, rich_upstream: RichUpstream, tmp_path: Path) -> AsyncIterator[RunningGateway]:
+    with refusing_port() as refused:
+        async for running in start_gateway(config(idp, rich_upstream.url, refused), tmp_path):
+            yield running
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def values(header_list: list[tuple[bytes, bytes]], name: str) -> list[str]:
+    """Every value of header `name` (any case) as the upstream received them."""
+    return [v.decode() for k, v in header_list if k.decode().lower() == name.lower()]
+
+
+# --- request headers ---------------------------------------------------------------------------------------------
+
+
+async def test_hop_by_hop_and_connection_named_headers_removed(
+    gw: RunningGateway, rich_upstream: RichUpstream, rsa_key: Key, http: aiohttp.ClientSession
+) -> None:
+    headers = {
+        **bearer(rsa_key.sign()),
+        "Connection": "close, X-Secret",
+        "X-Secret": "1",
+        "Keep-Alive": "timeout=5",
+        "TE": "trailers",
+        "Trailer": "X-Checksum",
+        "Upgrade": "h2c",
+        "Proxy-Authorization": "Basic c2VjcmV0OnNlY3JldA==",
+        "Proxy-Connection": "keep-alive",
+        "X-Kept": "kept",
+    }
+    async with http.get(f"{gw.url}/api/echo", headers=headers) as resp:
+        assert resp.status == 200
+    seen = rich_upstream.requests[-1]["header_list"]
+    names = {k.decode().lower() for k, _ in seen}
+    for gone in ("x-secret", "keep-alive", "te", "trailer", "upgrade", "proxy-authorization", "proxy-connection"):
+        assert gone not in names, gone
+    assert values(seen, "Connection") in ([], ["keep-alive"])  # the gateway's own hop to the upstream, if any
+    assert values(seen, "X-Kept") == ["kept"]
+
+
+async def test_upgrade_other_than_websocket_is_not_forwarded(gw: RunningGateway, rich_upstream: RichUpstream) -> None:
+    status, _, _ = await raw_http_request(
+        gw.ports.proxy_port, "GET /echo HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n"
+    )
+    assert status == 200
+    names = {k.decode().lower() for k, _ in rich_upstream.requests[-1]["header_list"]}
+    assert "upgrade" not in names
+
+
+async def test_x_forwarded_headers(
+    gw: RunningGateway, rich_upstream: RichUpstream, http: aiohttp.ClientSession
+) -> None:
+    headers = {
+        "X-Forwarded-For": "203.0.113.7",
+        "X-Forwarded-Proto": "https",
+        "X-Forwarded-Host": "evil.example",
+        "Host": "shop.example:8443",
+    }
+    async with http.get(f"{gw.url}/echo", headers=headers) as resp:
+        assert resp.status == 200
+    seen = rich_upstream.requests[-1]["header_list"]
+    assert values(seen, "X-Forwarded-For") == ["203.0.113.7, 127.0.0.1"]
+    assert values(seen, "X-Forwarded-Proto") == ["http"]  # the client's claim is overwritten
+    assert values(seen, "X-Forwarded-Host") == ["shop.example:8443"]
+
+
+async def test_x_forwarded_for_joins_several_incoming_headers(gw: RunningGateway, rich_upstream: RichUpstream) -> None:
+    status, _, _ = await raw_http_request(
+        gw.ports.proxy_port,
+        "GET /echo HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 198.51.100.1\r\nX-Forwarded-For: 198.51.100.2\r\n",
+    )
+    assert status == 200
+    seen = rich_upstream.requests[-1]["header_list"]
+    assert values(seen, "X-Forwarded-For") == ["198.51.100.1, 198.51.100.2, 127.0.0.1"]
+
+
+async def test_x_forwarded_for_set_when_absent(
+    gw: RunningGateway, rich_upstream: RichUpstream, http: aiohttp.ClientSession
+) -> None:
+    async with http.get(f"{gw.url}/echo") as resp:
+        assert resp.status == 200
+    seen = rich_upstream.requests[-1]["header_list"]
+    assert values(seen, "X-Forwarded-For") == ["127.0.0.1"]
+    assert values(seen, "X-Forwarded-Proto") == ["http"]
+    assert values(seen, "X-Forwarded-Host") == [f"127.0.0.1:{gw.ports.proxy_port}"]
+
+
+# --- identity and credential -------------------------------------------------------------------------------------
+
+
+async def test_identity_headers_from_claims_and_spoofs_removed(
+    gw: RunningGateway, rich_upstream: RichUpstream, rsa_key: Key
+) -> None:
+    # Raw request: several spellings of the same header name, as a client trying to impersonate would send them.
+    token = rsa_key.sign(scp=["orders:read", "orders:write"], scope=None, admin=None, aud=[AUDIENCE, "other"])
+    head = (
+        "GET /api/who HTTP/1.1\r\nHost: x\r\n"
+        f"Authorization: Bearer {token}\r\n"
+        "x-auth-subject: mallory\r\nX-AUTH-SUBJECT: eve\r\nX-Auth-Scopes: root\r\nX-Auth-Admin: true\r\n"
+    )
+    status, _, _ = await raw_http_request(gw.ports.proxy_port, head)
+    assert status == 200
+    seen = rich_upstream.requests[-1]["header_list"]
+    assert values(seen, "X-Auth-Subject") == ["alice"]
+    assert values(seen, "X-Auth-Scopes") == ["orders:read orders:write"]  # a list claim, joined with spaces
+    assert values(seen, "X-Auth-Aud") == [f"{AUDIENCE} other"]
+    assert values(seen, "X-Auth-Admin") == []  # no such claim: the client's value is still removed
+    assert rich_upstream.requests[-1]["raw_path"] == "/who"  # strip_prefix /api
+
+
+async def test_identity_header_non_ascii_claim_forwarded_as_utf8(
+    gw: RunningGateway, rich_upstream: RichUpstream, rsa_key: Key, http: aiohttp.ClientSession
+) -> None:
+    async with http.get(f"{gw.url}/api/who", headers=bearer(rsa_key.sign(sub="josé\tø"))) as resp:
+        assert resp.status == 200
+    seen = rich_upstream.requests[-1]["header_list"]
+    assert [v for k, v in seen if k.lower() == b"x-auth-subject"] == ["josé\tø".encode()]
+
+
+async def test_identity_header_scalar_claims(
+    gw: RunningGateway, rich_upstream: RichUpstream, rsa_key: Key, http: aiohttp.ClientSession
+) -> None:
+    token = rsa_key.sign(sub="svc-42", admin=True, scp="a b")
+    async with http.get(f"{gw.url}/api/who", headers=bearer(token)) as resp:
+        assert resp.status == 200
+    seen = rich_upstream.requests[-1]["header_list"]
+    assert values(seen, "X-Auth-Subject") == ["svc-42"]
+    assert values(seen, "X-Auth-Admin") == ["true"]
+    assert values(seen, "X-Auth-Scopes") == ["a b"]
+
+
+@pytest.mark.parametrize(
+    "sub", ["alice\r\nX-Injected: 1", "alice\nX-Injected: 1", "al\x00ice", "al\x1bice", "al\x7fice"]
+)
+async def test_identity_header_claim_with_control_characters_is_not_forwarded(
+    gw: RunningGateway, rich_upstream: RichUpstream, rsa_key: Key, http: aiohttp.ClientSession, sub: str
+) -> None:
+    token = rsa_key.sign(sub=sub)
+    async with http.get(f"{gw.url}/api/who", headers={**bearer(token), "X-Auth-Subject": "mallory"}) as resp:
+        assert resp.status == 200
+    seen = rich_upstream.requests[-1]["header_list"]
+    assert values(seen, "X-Auth-Subject") == []
+    assert values(seen, "X-Injected") == []
+
+
+async def test_invalid_token_never_reaches_upstream(
+    gw: RunningGateway, rich_upstream: RichUpstream, ec_key: Key, http: aiohttp.ClientSession
+) -> None:
+    token = ec_key.sign(aud="api://someone-else")
+    async with http.get(f"{gw.url}/api/x", headers=bearer(token)) as resp:
+        assert resp.status == 401
+        assert (await resp.json())["error"] == "invalid_token"
+        assert token not in await resp.text()
+    async with http.get(f"{gw.url}/api/x") as resp:
+        assert resp.status == 401
+    assert rich_upstream.requests == []
+
+
+async def test_credential_removed_by_default_and_kept_when_asked(
+    gw: RunningGateway, rich_upstream: RichUpstream, rsa_key: Key, http: aiohttp.ClientSession
+) -> None:
+    token = rsa_key.sign()
+    async with http.get(f"{gw.url}/api/x", headers=bearer(token)) as resp:
+        assert resp.status == 200
+    assert values(rich_upstream.requests[-1]["header_list"], "Authorization") == []
+    async with http.get(f"{gw.url}/keep/x", headers=bearer(token)) as resp:
+        assert resp.status == 200
+    assert values(rich_upstream.requests[-1]["header_list"], "Authorization") == [f"Bearer {token}"]
+
+
+async def test_credential_in_named_header_removed(
+    gw: RunningGateway, rich_upstream: RichUpstream, rsa_key: Key, http: aiohttp.ClientSession
+) -> None:
+    token = rsa_key.sign()
+    async with http.get(f"{gw.url}/hdr/x", headers={"X-Api-Token": token, "Authorization": "Basic eDp5"}) as resp:
+        assert resp.status == 200
+    seen = rich_upstream.requests[-1]["header_list"]
+    assert values(seen, "X-Api-Token") == []
+    assert values(seen, "Authorization") == ["Basic eDp5"]  # not this route's credential
+
+
+async def test_credential_cookie_removed_other_cookies_kept(
+    gw: RunningGateway, rich_upstream: RichUpstream, rsa_key: Key
+) -> None:
+    token = rsa_key.sign()
+    head = f"GET /ck/x HTTP/1.1\r\nHost: x\r\nCookie: theme=dark; session={token}; lang=en\r\n"
+    status, _, _ = await raw_http_request(gw.ports.proxy_port, head)
+    assert status == 200
+    assert values(rich_upstream.requests[-1]["header_list"], "Cookie") == ["theme=dark; lang=en"]
+
+
+@pytest.mark.parametrize("name", ["access_token", "access%5Ftoken"])
+async def test_credential_query_parameter_removed_rest_of_query_verbatim(
+    gw: RunningGateway, rich_upstream: RichUpstream, rsa_key: Key, name: str
+) -> None:
+    token = rsa_key.sign()
+    query = f"a=%2F%20b&{name}={token}&c=d+e&empty=&flag&utf=%C3%A9"
+    status, _, _ = await raw_http_request(gw.ports.proxy_port, f"GET /qt/x?{query} HTTP/1.1\r\nHost: x\r\n")
+    assert status == 200
+    assert rich_upstream.requests[-1]["raw_path"] == "/qt/x?a=%2F%20b&c=d+e&empty=&flag&utf=%C3%A9"
+
+
+# --- paths, query, host ------------------------------------------------------------------------------------------
+
+
+async def test_strip_prefix_and_base_path(
+    gw: RunningGateway, rich_upstream: RichUpstream, http: aiohttp.ClientSession
+) -> None:
+    for sent, expected in [
+        ("/svc/items/1", "/base/items/1"),
+        ("/svc", "/base/"),
+        ("/svc/", "/base/"),
+        ("/based/x", "/v2/based/x"),
+    ]:
+        async with http.get(f"{gw.url}{sent}") as resp:
+            assert resp.status == 200, sent
+        assert rich_upstream.requests[-1]["raw_path"] == expected, sent
+
+
+async def test_query_string_passes_through_unchanged(gw: RunningGateway, rich_upstream: RichUpstream) -> None:
+    target = "/svc/search?q=%2Fetc%2Fpasswd&x=a+b&y=%20&z=%C3%A9&a=1&a=2&empty=&bare&sym=%26%3D%3F"
+    status, _, _ = await raw_http_request(gw.ports.proxy_port, f"GET {target} HTTP/1.1\r\nHost: x\r\n")
+    assert status == 200
+    assert rich_upstream.requests[-1]["raw_path"] == "/base/search?" + target.split("?", 1)[1]
+
+
+async def test_encoded_path_passes_through_raw(
+    gw: RunningGateway, rich_upstream: RichUpstream, http: aiohttp.ClientSession
+) -> None:
+    async with http.get(URL(f"{gw.url}/files/a%2Fb/%C3%A9%20x", encoded=True)) as resp:
+        assert resp.status == 200
+    assert rich_upstream.requests[-1]["raw_path"] == "/files/a%2Fb/%C3%A9%20x"
+
+
+async def test_preserve_host(gw: RunningGateway, rich_upstream: RichUpstream, http: aiohttp.ClientSession) -> None:
+    upstream_host = URL(rich_upstream.url).raw_authority
+    async with http.get(f"{gw.url}/kept-host/x", headers={"Host": "public.example:8443"}) as resp:
+        assert resp.status == 200
+    assert values(rich_upstream.requests[-1]["header_list"], "Host") == ["public.example:8443"]
+    async with http.get(f"{gw.url}/echo", headers={"Host": "public.example:8443"}) as resp:
+        assert resp.status == 200
+    assert values(rich_upstream.requests[-1]["header_list"], "Host") == [upstream_host]
+
+
+# --- bodies, statuses, response headers --------------------------------------------------------------------------
+
+
+async def test_post_body_byte_exact(
+    gw: RunningGateway, rich_upstream: RichUpstream, http: aiohttp.ClientSession
+) -> None:
+    body = os.urandom(300_000)
+    async with http.post(f"{gw.url}/hash", data=body, headers={"Content-Type": "application/x-thing"}) as resp:
+        assert resp.status == 200
+        answer = await resp.json()
+    assert answer == {"sha256": hashlib.sha256(body).hexdigest(), "length": len(body)}
+    seen = rich_upstream.requests[-1]["header_list"]
+    assert values(seen, "Content-Length") == [str(len(body))]
+    assert values(seen, "Content-Type") == ["application/x-thing"]
+
+    small = b"\x00\x01binary\r\n\r\nnot a header\xff"
+    async with http.put(f"{gw.url}/echo", data=small) as resp:
+        assert resp.status == 200
+    assert rich_upstream.requests[-1]["body"] == small
+    assert rich_upstream.requests[-1]["method"] == "PUT"
+
+
+async def test_no_content_type_invented(gw: RunningGateway, rich_upstream: RichUpstream) -> None:
+    status, _, _ = await raw_http_request(
+        gw.ports.proxy_port, "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n", b"abc"
+    )
+    assert status == 200
+    seen = rich_upstream.requests[-1]
+    assert seen["body"] == b"abc"
+    names = {k.decode().lower() for k, _ in seen["header_list"]}
+    assert not names & {"content-type", "user-agent", "accept", "accept-encoding"}
+
+
+@pytest.mark.parametrize("code", [200, 201, 204, 304, 404, 500, 503])
+async def test_upstream_status_passes_through(gw: RunningGateway, http: aiohttp.ClientSession, code: int) -> None:
+    async with http.get(f"{gw.url}/status/{code}", headers={"If-None-Match": '"v1"'}) as resp:
+        assert resp.status == code
+        assert resp.headers["X-Upstream"] == "yes"
+        assert resp.headers["ETag"] == '"v1"'
+        body = await resp.read()
+    assert body == (b"" if code in (204, 304) else f"status {code}".encode())
+
+
+async def test_response_hop_by_hop_headers_removed(gw: RunningGateway, http: aiohttp.ClientSession) -> None:
+    async with http.get(f"{gw.url}/hop") as resp:
+        assert resp.status == 200
+        assert await resp.text() == "hop"
+        assert resp.headers["X-Upstream"] == "yes"
+        for gone in ("X-Internal", "Keep-Alive", "Proxy-Authenticate", "Trailer", "Upgrade"):
+            assert gone not in resp.headers, gone
+
+
+@pytest.mark.parametrize("size", [0, 1000, 65536, 65537, 1_000_000])
+async def test_response_content_length_preserved(gw: RunningGateway, http: aiohttp.ClientSession, size: int) -> None:
+    async with http.get(f"{gw.url}/bytes/{size}") as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Length"] == str(size)
+        assert "Transfer-Encoding" not in resp.headers
+        assert await resp.read() == pattern_bytes(size)
+
+
+async def test_compressed_response_passes_through_untouched(gw: RunningGateway, http: aiohttp.ClientSession) -> None:
+    expected = gzip.compress(pattern_bytes(200_000), mtime=0)
+    async with http.get(f"{gw.url}/bytes/200000?gzip=1", headers={"Accept-Encoding": "gzip"}) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Encoding"] == "gzip"
+        assert resp.headers["Content-Length"] == str(len(expected))
+        assert await resp.read() == expected  # the session does not decompress: these are the wire bytes
+
+
+async def test_chunked_response_stays_chunked(gw: RunningGateway, http: aiohttp.ClientSession) -> None:
+    async with http.get(f"{gw.url}/bytes/300000?chunked=1") as resp:
+        assert resp.status == 200
+        assert resp.headers.get("Transfer-Encoding") == "chunked"
+        assert await resp.read() == pattern_bytes(300000)
+
+
+@pytest.mark.parametrize("size", [10, 1_000_000])
+async def test_head_request(gw: RunningGateway, rich_upstream: RichUpstream, size: int) -> None:
+    status, headers, body = await raw_http_request(gw.ports.proxy_port, f"HEAD /bytes/{size} HTTP/1.1\r\nHost: x\r\n")
+    assert status == 200
+    assert headers["content-length"] == str(size)
+    assert body == b""  # read until the server closed: not one body byte was sent
+    assert headers["x-upstream"] == "yes"
+    assert rich_upstream.requests[-1]["method"] == "HEAD"
+
+
+# --- upstream failures -------------------------------------------------------------------------------------------
+
+
+async def test_upstream_refused_is_502(gw: RunningGateway, http: aiohttp.ClientSession) -> None:
+    async with http.get(f"{gw.url}/refused/x") as resp:
+        assert resp.status == 502
+        assert resp.content_type == "application/json"
+        assert (await resp.json())["error"] == "bad_gateway"
+    assert gw.metric("gateway_http_requests_total", route="refused", method="GET", code="502") == 1
+
+
+async def test_upstream_slower_than_timeout_is_504(
+    gw: RunningGateway, rich_upstream: RichUpstream, http: aiohttp.ClientSession
+) -> None:
+    started = time.monotonic()
+    async with http.get(f"{gw.url}/slow?s=5") as resp:
+        assert resp.status == 504
+        assert (await resp.json())["error"] == "gateway_timeout"
+    assert time.monotonic() - started < 3
+    # The gateway gave up on the upstream request too: the upstream handler is cancelled.
+    async with asyncio.timeout(5):
+        await rich_upstream.slow_cancelled.wait()
+
+
+async def test_upstream_connect_timeout_is_502(tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    # connect_timeout 200ms against a port that never answers the SYN; the route's total timeout is 20 s.
+    with unresponsive_port() as port:
+        route = f"""
+routes:
+  - name: blackhole
+    match: {{path_prefix: /}}
+    upstream: {{url: "http://127.0.0.1:{port}", connect_timeout: 200ms, timeout: 20s}}
+    auth: {{mode: none}}
+"""
+        async for gw in start_gateway(route, tmp_path):
+            started = time.monotonic()
+            async with http.get(f"{gw.url}/x") as resp:
+                assert resp.status == 502
+                assert (await resp.json())["error"] == "bad_gateway"
+            assert time.monotonic() - started < 5
+            assert gw.metric("gateway_http_requests_total", route="blackhole", method="GET", code="502") == 1
+
+
+# --- config ------------------------------------------------------------------------------------------------------
+
+
+def test_identity_headers_on_mode_none_route_rejected(tmp_path: Path) -> None:
+    text = """
+routes:
+  - name: open
+    match: {path_prefix: /}
+    upstream: {url: "http://127.0.0.1:1"}
+    auth: {mode: none}
+    forward: {identity_headers: {X-Auth-Subject: sub}}
+"""
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(configfile.ConfigError) as info:
+        configfile.load(path)
+    assert info.value.problems == ["routes[0].forward.identity_headers: mode none has no identity to forward"]
+    assert str(path) in str(info.value)
+
+
+# --- Expect: 100-continue, and framing the gateway must not pass on ----------------------------------------------
+
+
+async def expect_continue(port: int, path: str, headers: str, body: bytes) -> tuple[bytes, bytes]:
+    """Send headers with `Expect: 100-continue`, read the gateway's first answer line; send the body only after a
+    100. Returns (first status line, rest of the answer)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\nExpect: 100-continue\r\n{headers}"
+            "Connection: close\r\n\r\n".encode()
+        )
+        await writer.drain()
+        async with asyncio.timeout(10):
+            first = await reader.readline()
+            if not first.startswith(b"HTTP/1.1 100"):
+                # A final answer straight away: the body is not sent (and the server, still owed it, may keep the
+                # connection open for a while, so read the header block only).
+                return first, await reader.readuntil(b"\r\n\r\n")
+            await reader.readline()  # the blank line ending the interim answer
+            writer.write(body)
+            await writer.drain()
+            rest = await reader.read()
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    return first, rest
+
+
+async def test_expect_100_continue_answered_after_the_token_is_judged(
+    gw: RunningGateway, rich_upstream: RichUpstream, rsa_key: Key
+) -> None:
+    body = os.urandom(200_000)
+    first, rest = await expect_continue(
+        gw.ports.proxy_port, "/api/hash", f"Authorization: Bearer {rsa_key.sign()}\r\n", body
+    )
+    assert first.startswith(b"HTTP/1.1 100")
+    assert rest.startswith(b"HTTP/1.1 200")
+    assert hashlib.sha256(body).hexdigest().encode() in rest
+    assert values(rich_upstream.requests[-1]["header_list"], "Expect") == []
+
+
+async def test_expect_100_continue_refused_upload_never_sent(gw: RunningGateway, rich_upstream: RichUpstream) -> None:
+    first, rest = await expect_continue(gw.ports.proxy_port, "/api/hash", "", os.urandom(1000))
+    assert first.startswith(b"HTTP/1.1 401")  # straight to the final answer: the body was never asked for
+    assert b"WWW-Authenticate: Bearer" in rest
+    assert rich_upstream.requests == []
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [
+        "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+        "Content-Length: 5\r\nContent-Length: 6\r\n",
+        "Transfer-Encoding: gzip, chunked\r\nTransfer-Encoding: identity\r\n",
+    ],
+)
+async def test_ambiguous_request_framing_refused(gw: RunningGateway, rich_upstream: RichUpstream, framing: str) -> None:
+    # Request smuggling: a proxy and its upstream must never disagree on where a request ends.
+    status, headers, body = await raw_http_request(
+        gw.ports.proxy_port, f"POST /echo HTTP/1.1\r\nHost: x\r\n{framing}", b"0\r\n\r\nGET /admin HTTP/1.1\r\n\r\n"
+    )
+    assert status == 400
+    assert headers["content-type"].startswith("application/json")
+    assert json.loads(body)["error"] == "invalid_request"
+    assert rich_upstream.requests == []
