@@ -26,6 +26,7 @@ def extract(request: web.BaseRequest, location: TokenLocation, max_bytes: int) -
         if token is not None and token[:7].lower() == "bearer ":
             token = token[7:].lstrip(" ")
     elif location.source == "cookie":
+        _single_cookie(request, location.name or "")
         token = request.cookies.get(location.name or "")
     else:
         token = _single(request.query.getall(location.name or "", []), f"the {location.name} query parameter")
@@ -55,3 +56,13 @@ def _single(values: list[str], what: str) -> str | None:
     if len(values) > 1:
         raise errors.InvalidRequest(f"{what} appears more than once")
     return values[0] if values else None
+
+
+def _single_cookie(request: web.BaseRequest, name: str) -> None:
+    """Two cookies of the credential's name are ambiguous (request.cookies keeps the last one; a cookie set by
+    another path or a parent domain can add one): refuse, as for a repeated header or query parameter."""
+    names = [
+        part.partition("=")[0].strip() for value in request.headers.getall("Cookie", ()) for part in value.split(";")
+    ]
+    if names.count(name) > 1:
+        raise errors.InvalidRequest("the credential cookie appears more than once")

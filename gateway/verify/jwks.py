@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 
 _MAX_DOCUMENT_BYTES = 1 << 20
 _MAX_AGE = re.compile(r"max-age=(\d+)")
+# First retry after a failed fetch, at the soonest: with jwks_min_refresh_interval 0 the back-off would otherwise
+# stay at 0 and the refresher would hammer a failing endpoint in a loop.
+_MIN_RETRY_S = 0.1
 
 
 class IssuerKeys:
@@ -90,17 +93,10 @@ class IssuerKeys:
             if not len(keys):
                 raise ValueError("the JWKS has no usable signing keys")
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            self._failures += 1
-            self._next_refresh = min(
-                self.settings.jwks_min_refresh_interval * 2 ** min(self._failures - 1, 10),
-                self.settings.jwks_refresh_interval,
-            )
-            self._metrics.jwks_refreshes.labels(name, "failure").inc()
-            log.warning(
-                "JWKS fetch failed; keeping the last good keys",
-                extra={"issuer": name, "error": _describe(exc), "have_keys": self.keys is not None},
-            )
-            return False
+            return self._failed(exc)
+        except Exception as exc:  # noqa: BLE001 - unforeseen: still a failed fetch; raising would end the refresher
+            log.exception("unexpected error while fetching the JWKS", extra={"issuer": name})
+            return self._failed(exc)
         self._failures = 0
         self.keys = keys
         interval = self.settings.jwks_refresh_interval
@@ -111,6 +107,18 @@ class IssuerKeys:
         self._metrics.jwks_keys.labels(name).set(len(keys))
         log.info("JWKS loaded", extra={"issuer": name, "keys": len(keys), "next_refresh_s": interval})
         return True
+
+    def _failed(self, exc: BaseException) -> bool:
+        """Count a failed fetch and schedule the retry: sooner after a first failure, backing off to the schedule."""
+        self._failures += 1
+        first_retry = max(self.settings.jwks_min_refresh_interval, _MIN_RETRY_S)
+        self._next_refresh = min(first_retry * 2 ** min(self._failures - 1, 10), self.settings.jwks_refresh_interval)
+        self._metrics.jwks_refreshes.labels(self.settings.name, "failure").inc()
+        log.warning(
+            "JWKS fetch failed; keeping the last good keys",
+            extra={"issuer": self.settings.name, "error": _describe(exc), "have_keys": self.keys is not None},
+        )
+        return False
 
     async def _get_jwks(self) -> tuple[dict[str, Any], float | None]:
         if self._jwks_uri is None:
@@ -133,9 +141,13 @@ class IssuerKeys:
         async with self._session.get(url, timeout=timeout, allow_redirects=False) as resp:
             if resp.status != 200:
                 raise ValueError(f"HTTP {resp.status} from {url}")
-            body = await resp.content.read(_MAX_DOCUMENT_BYTES + 1)
-            if len(body) > _MAX_DOCUMENT_BYTES:
-                raise ValueError(f"the document at {url} is larger than 1 MiB")
+            # StreamReader.read(n) returns what has arrived so far, not n bytes: a large JWKS comes in several
+            # reads, so read to the end, refusing more than the limit.
+            body = bytearray()
+            async for chunk in resp.content.iter_any():
+                body += chunk
+                if len(body) > _MAX_DOCUMENT_BYTES:
+                    raise ValueError(f"the document at {url} is larger than 1 MiB")
             max_age = _MAX_AGE.search(resp.headers.get("Cache-Control", ""))
         try:
             document = json.loads(body)

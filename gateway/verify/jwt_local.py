@@ -10,6 +10,8 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ from gateway import errors
 from gateway.identity import Identity, scopes_of
 from gateway.verify.cache import TokenCache, token_digest
 from gateway.verify.jwks import IssuerKeys
+from gateway.verify.keys import VerificationKey
 
 
 class NotMine(Exception):
@@ -35,6 +38,7 @@ class NotMine(Exception):
 class Verified:
     identity: Identity
     issuer: IssuerKeys
+    key: VerificationKey  # the key that verified it: a hit is honoured only while the issuer still publishes it
 
 
 # Most specific first: each pyjwt failure becomes one of our reasons.
@@ -69,20 +73,26 @@ class JwtVerifier:
         """Verify `token` for a route accepting the issuers named in `allowed`."""
         digest = token_digest(token)
         cached = self._cache.get(digest)
-        if cached is not None and cached.issuer.keys is not None and cached.issuer.keys.has_kid(cached.identity.key_id):
+        # The key itself is compared, not just its kid: a withdrawn key, or a kid republished with other key
+        # material, must stop a cached token at once (a kid-less token would otherwise match any key set).
+        if cached is not None and cached.issuer.keys is not None and cached.issuer.keys.contains(cached.key):
             if cached.identity.issuer not in allowed:
                 raise NotMine(errors.WrongIssuer())
             self._check_expiry(cached.identity, cached.issuer.settings.leeway)
             return cached.identity
         header, claims = _peek(token)
-        issuer = self._by_iss.get(claims.get("iss"))  # type: ignore[arg-type]
+        iss = claims.get("iss")
+        # iss may be any JSON value here (a list is unhashable): only a string can name an issuer.
+        issuer = self._by_iss.get(iss) if isinstance(iss, str) else None
         if issuer is None or issuer.settings.name not in allowed:
             raise NotMine(errors.WrongIssuer())
-        identity = await self._verify_signed(token, header, issuer)
-        self._cache.put(digest, Verified(identity, issuer))
+        identity, key = await self._verify_signed(token, header, claims, issuer)
+        self._cache.put(digest, Verified(identity, issuer, key))
         return identity
 
-    async def _verify_signed(self, token: str, header: dict[str, Any], issuer: IssuerKeys) -> Identity:
+    async def _verify_signed(
+        self, token: str, header: dict[str, Any], unverified: dict[str, Any], issuer: IssuerKeys
+    ) -> tuple[Identity, VerificationKey]:
         settings = issuer.settings
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in settings.algorithms:
@@ -93,6 +103,11 @@ class JwtVerifier:
             raise errors.WrongType()
         kid = header.get("kid")
         if kid is not None and not isinstance(kid, str):
+            raise errors.Malformed()
+        times = [unverified[name] for name in ("exp", "nbf", "iat") if unverified.get(name) is not None]
+        if not all(_is_numeric_date(value) for value in times):
+            # pyjwt would take "exp": "1700000000" (it calls int()), and 10**400 later overflows float():
+            # a NumericDate is a finite JSON number (RFC 7519 §2), anything else is malformed.
             raise errors.Malformed()
         key = await self._find_key(issuer, kid, alg)
         if alg not in key.algorithms:
@@ -109,9 +124,9 @@ class JwtVerifier:
             )
         except jwt.PyJWTError as exc:
             raise _translate(exc) from None
-        return self._identity(claims, issuer, kid)
+        return self._identity(claims, issuer, kid), key
 
-    async def _find_key(self, issuer: IssuerKeys, kid: str | None, alg: str) -> Any:
+    async def _find_key(self, issuer: IssuerKeys, kid: str | None, alg: str) -> VerificationKey:
         keys = issuer.keys
         if keys is None:
             await issuer.refresh_for_unknown_kid()
@@ -155,24 +170,46 @@ class JwtVerifier:
 
 
 def _peek(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Header and claims before any verification: only to choose the issuer and key."""
+    """Header and claims before any verification: only to choose the issuer and key.
+
+    All three segments must be canonical unpadded base64url (RFC 7515 §2): pyjwt tolerates '=' padding on the
+    signature, which would let one signed token be presented under several spellings (different cache and
+    revocation digests for the same token).
+    """
     parts = token.split(".")
     if len(parts) != 3:
         raise NotMine(errors.Malformed())
     try:
         header = json.loads(_b64decode(parts[0]))
         claims = json.loads(_b64decode(parts[1]))
-    except (ValueError, binascii.Error, UnicodeDecodeError):
+        _b64decode(parts[2])
+    except (ValueError, binascii.Error, RecursionError):  # RecursionError: JSON nested deeper than Python recurses
         raise NotMine(errors.Malformed()) from None
     if not isinstance(header, dict) or not isinstance(claims, dict):
         raise NotMine(errors.Malformed())
     return header, claims
 
 
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
+
+
 def _b64decode(segment: str) -> bytes:
-    if "=" in segment:
-        raise ValueError("padding is not allowed in a JWS segment")
-    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    """Strict base64url: the URL-safe alphabet only, no padding, and no stray bits in the last character."""
+    if not _BASE64URL.fullmatch(segment) or len(segment) % 4 == 1:
+        raise ValueError("not unpadded base64url")
+    data = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    if base64.urlsafe_b64encode(data).rstrip(b"=").decode() != segment:
+        raise ValueError("not canonical base64url")  # unused low bits set: another spelling of the same bytes
+    return data
+
+
+def _is_numeric_date(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an integer beyond float range
+        return False
 
 
 def _typ_matches(typ: Any, required: str) -> bool:

@@ -25,6 +25,8 @@ _EC_ALGS = {
     "secp521r1": frozenset({"ES512"}),
 }
 _HMAC_ALGS = frozenset({"HS256", "HS384", "HS512"})
+# NIST SP 800-131A: RSA below 2048 bits no longer protects a signature (pyjwt only warns, on every verification).
+MIN_RSA_BITS = 2048
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +62,10 @@ class KeySet:
     def has_kid(self, kid: str | None) -> bool:
         return kid is None or kid in self._by_kid
 
+    def contains(self, key: VerificationKey) -> bool:
+        """Whether this exact key (same kid and key material) is still in the set."""
+        return any(k is key or (k.kid == key.kid and k.key == key.key) for k in self.keys)
+
     def find(self, kid: str | None, alg: str) -> VerificationKey | None:
         if kid is not None:
             key = self._by_kid.get(kid)
@@ -84,8 +90,12 @@ def from_jwks(document: Mapping[str, Any]) -> KeySet:
         kid = raw.get("kid")
         try:
             parsed = jwt.PyJWK(raw).key
-        except (jwt.PyJWKError, jwt.InvalidKeyError, ValueError, TypeError, KeyError) as exc:
+        except Exception as exc:  # noqa: BLE001 - pyjwt raises many types (NotImplementedError for alg "none", ...)
+            # One key we cannot load must not cost the issuer its other keys (or stop the refresher).
             log.warning("skipping an unusable JWKS key", extra={"kid": str(kid), "error": type(exc).__name__})
+            continue
+        if _too_weak(parsed):
+            log.warning("skipping a JWKS key that is too weak", extra={"kid": str(kid), "error": "RSA below 2048 bits"})
             continue
         algorithms = algorithms_for(parsed)
         if isinstance(raw.get("alg"), str):
@@ -106,4 +116,10 @@ def from_pem_file(path: str, kid: str | None) -> VerificationKey:
     algorithms = algorithms_for(key)
     if not algorithms:
         raise ValueError(f"{path}: unsupported key type {type(key).__name__}")
+    if _too_weak(key):
+        raise ValueError(f"{path}: an RSA key needs at least {MIN_RSA_BITS} bits")
     return VerificationKey(kid=kid, key=key, algorithms=algorithms)
+
+
+def _too_weak(key: Any) -> bool:
+    return isinstance(key, rsa.RSAPublicKey) and key.key_size < MIN_RSA_BITS

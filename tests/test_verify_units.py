@@ -1,0 +1,306 @@
+"""Unit tests of the verification building blocks: which key verifies which algorithm, key-set look-ups, JWKS
+parsing that skips what it cannot use, strict base64url, and the verified-token LRU. Keys are generated here."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa, x25519
+
+from gateway import errors
+from gateway.config import IssuerSettings
+from gateway.metrics import Metrics
+from gateway.verify.cache import TokenCache, token_digest
+from gateway.verify.jwks import IssuerKeys
+from gateway.verify.jwt_local import JwtVerifier, NotMine, Verified, _b64decode, _typ_matches
+from gateway.verify.keys import KeySet, VerificationKey, algorithms_for, from_jwks, from_pem_file
+from tests.support import AUDIENCE, ISSUER, Key, b64, self_signed_cert
+
+RSA_ALGS = {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"}
+
+
+def vk(kid: str | None, key: Any) -> VerificationKey:
+    return VerificationKey(kid=kid, key=key, algorithms=algorithms_for(key))
+
+
+def pem(public: Any) -> bytes:
+    return bytes(public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+
+
+# --- algorithms_for ---
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (lambda: rsa.generate_private_key(65537, 2048).public_key(), RSA_ALGS),
+        (lambda: ec.generate_private_key(ec.SECP256R1()).public_key(), {"ES256"}),
+        (lambda: ec.generate_private_key(ec.SECP384R1()).public_key(), {"ES384"}),
+        (lambda: ec.generate_private_key(ec.SECP521R1()).public_key(), {"ES512"}),
+        (lambda: ec.generate_private_key(ec.SECP256K1()).public_key(), set()),
+        (lambda: ed25519.Ed25519PrivateKey.generate().public_key(), {"EdDSA"}),
+        (lambda: ed448.Ed448PrivateKey.generate().public_key(), {"EdDSA"}),
+        (lambda: x25519.X25519PrivateKey.generate().public_key(), set()),
+        (lambda: b"a shared secret of thirty-two bytes!", {"HS256", "HS384", "HS512"}),
+        (lambda: "a str is not a key", set()),
+    ],
+    ids=["rsa", "p256", "p384", "p521", "secp256k1", "ed25519", "ed448", "x25519", "hmac-bytes", "str"],
+)
+def test_algorithms_for_follows_the_key_type(make: Any, expected: set[str]) -> None:
+    assert algorithms_for(make()) == expected
+
+
+# --- KeySet.find / has_kid / contains ---
+
+
+@pytest.fixture(scope="module")
+def pubs() -> dict[str, Any]:
+    return {
+        "rsa1": rsa.generate_private_key(65537, 2048).public_key(),
+        "rsa2": rsa.generate_private_key(65537, 2048).public_key(),
+        "ec": ec.generate_private_key(ec.SECP256R1()).public_key(),
+        "ed": ed25519.Ed25519PrivateKey.generate().public_key(),
+    }
+
+
+def test_find_by_kid_returns_that_key_whatever_the_alg(pubs: dict[str, Any]) -> None:
+    keys = KeySet([vk("r1", pubs["rsa1"]), vk("e", pubs["ec"])])
+    assert keys.find("r1", "RS256") is keys.keys[0]
+    # The kid decides; the verifier then refuses an alg the key cannot do (ES256 on an RSA key).
+    found = keys.find("r1", "ES256")
+    assert found is not None and "ES256" not in found.algorithms
+    assert keys.find("nope", "RS256") is None
+
+
+def test_find_without_kid_needs_exactly_one_candidate(pubs: dict[str, Any]) -> None:
+    one_rsa = KeySet([vk("r1", pubs["rsa1"]), vk("e", pubs["ec"])])
+    assert one_rsa.find(None, "RS256") is one_rsa.keys[0]
+    assert one_rsa.find(None, "ES256") is one_rsa.keys[1]
+    assert one_rsa.find(None, "EdDSA") is None
+    two_rsa = KeySet([vk("r1", pubs["rsa1"]), vk("r2", pubs["rsa2"])])
+    assert two_rsa.find(None, "RS256") is None  # ambiguous: never guess
+
+
+def test_a_kidless_key_answers_an_unknown_kid_only_when_it_is_the_only_one(pubs: dict[str, Any]) -> None:
+    single = KeySet([vk(None, pubs["rsa1"]), vk("e", pubs["ec"])])
+    assert single.find("any-kid", "RS256") is single.keys[0]
+    assert single.find("any-kid", "EdDSA") is None
+    double = KeySet([vk(None, pubs["rsa1"]), vk(None, pubs["rsa2"])])
+    assert double.find("any-kid", "RS256") is None
+
+
+def test_has_kid_and_contains(pubs: dict[str, Any]) -> None:
+    keys = KeySet([vk("r1", pubs["rsa1"])])
+    assert keys.has_kid("r1") and keys.has_kid(None) and not keys.has_kid("r2")
+    assert keys.contains(vk("r1", pubs["rsa1"]))
+    reloaded = from_jwks({"keys": [{**_jwk(pubs["rsa1"]), "kid": "r1"}]})
+    assert reloaded.contains(keys.keys[0])  # the same key material parsed again still counts as the same key
+    assert not keys.contains(vk("r1", pubs["rsa2"]))  # same kid, other material
+    assert not keys.contains(vk("r9", pubs["rsa1"]))  # same material, other kid
+    assert len(keys) == 1
+
+
+# --- from_jwks ---
+
+
+def _jwk(public: Any) -> dict[str, Any]:
+    if isinstance(public, rsa.RSAPublicKey):
+        text = jwt.algorithms.RSAAlgorithm.to_jwk(public)
+    elif isinstance(public, ec.EllipticCurvePublicKey):
+        text = jwt.algorithms.ECAlgorithm.to_jwk(public)
+    else:
+        text = jwt.algorithms.OKPAlgorithm.to_jwk(public)
+    parsed: dict[str, Any] = json.loads(text)
+    return parsed
+
+
+def test_from_jwks_keeps_usable_signing_keys(pubs: dict[str, Any]) -> None:
+    keys = from_jwks(
+        {
+            "keys": [
+                {**_jwk(pubs["rsa1"]), "kid": "r1", "use": "sig", "alg": "RS256"},
+                {**_jwk(pubs["rsa2"]), "kid": "r2", "alg": "PS256"},  # alg narrows what the key may verify
+                {**_jwk(pubs["ec"]), "kid": "e"},
+                {**_jwk(pubs["ed"]), "kid": "d"},
+                {**_jwk(pubs["ec"])},  # no kid at all is fine
+            ]
+        }
+    )
+    assert [(k.kid, k.algorithms) for k in keys.keys] == [
+        ("r1", frozenset({"RS256"})),
+        ("r2", frozenset({"PS256"})),
+        ("e", frozenset({"ES256"})),
+        ("d", frozenset({"EdDSA"})),
+        (None, frozenset({"ES256"})),
+    ]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param(lambda p: {**_jwk(p["rsa1"]), "kid": "x", "use": "enc"}, id="encryption-key"),
+        pytest.param(lambda p: {"kty": "oct", "k": b64(b"s" * 32), "kid": "x"}, id="oct-key"),
+        pytest.param(
+            lambda p: {"kty": "oct", "k": b64(b"s" * 32), "kid": "x", "use": "sig", "alg": "HS256"}, id="oct-sig"
+        ),
+        pytest.param(lambda p: "not a key", id="string"),
+        pytest.param(lambda p: 7, id="number"),
+        pytest.param(lambda p: None, id="null"),
+        pytest.param(lambda p: {}, id="empty-object"),
+        pytest.param(lambda p: {"kty": "RSA", "kid": "x"}, id="rsa-without-modulus"),
+        pytest.param(lambda p: {"kty": "RSA", "n": 5, "e": "AQAB"}, id="rsa-modulus-not-string"),
+        pytest.param(lambda p: {"kty": "EC", "crv": "P-256", "x": "AA", "y": "AA"}, id="ec-point-off-curve"),
+        pytest.param(lambda p: {"kty": "EC", "crv": ["P-256"], "x": "AA", "y": "AA"}, id="ec-crv-list"),
+        pytest.param(lambda p: {"kty": "OKP", "crv": "X25519", "x": b64(b"x" * 32)}, id="x25519"),
+        pytest.param(lambda p: {"kty": "PQC", "x": "AA"}, id="unknown-kty"),
+        pytest.param(lambda p: {**_jwk(p["rsa1"]), "kid": "x", "alg": "none"}, id="alg-none"),
+        pytest.param(lambda p: {**_jwk(p["rsa1"]), "kid": "x", "alg": "ES256"}, id="alg-of-another-type"),
+        pytest.param(lambda p: {**_jwk(p["rsa1"]), "kid": "x", "alg": "HS256"}, id="rsa-with-hs256"),
+        pytest.param(lambda p: {**_jwk(p["rsa1"]), "kid": 5}, id="kid-not-string"),
+        pytest.param(lambda p: {**_jwk(p["rsa1"]), "kid": "x", "use": ["sig"]}, id="use-not-string"),
+        pytest.param(
+            lambda p: {**_jwk(rsa.generate_private_key(65537, 1024).public_key()), "kid": "weak"},  # noqa: S505
+            id="rsa-1024",
+        ),
+    ],
+)
+def test_from_jwks_skips_unusable_keys(raw: Any, pubs: dict[str, Any]) -> None:
+    good = {**_jwk(pubs["ec"]), "kid": "good"}
+    keys = from_jwks({"keys": [raw(pubs), good]})
+    assert [k.kid for k in keys.keys] == ["good"]
+
+
+@pytest.mark.parametrize("document", [{}, {"keys": {}}, {"keys": "x"}, {"keys": None}])
+def test_from_jwks_without_a_keys_list_is_an_error(document: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match="keys"):
+        from_jwks(document)
+
+
+# --- from_pem_file ---
+
+
+def test_from_pem_file_reads_public_keys_and_certificates(tmp_path: Path) -> None:
+    ec_key = Key.ec()
+    (tmp_path / "ec.pem").write_bytes(ec_key.public_pem())
+    (tmp_path / "ec.crt").write_bytes(self_signed_cert(ec_key))
+    direct = from_pem_file(str(tmp_path / "ec.pem"), "k1")
+    from_cert = from_pem_file(str(tmp_path / "ec.crt"), None)
+    assert direct.algorithms == from_cert.algorithms == frozenset({"ES256"})
+    assert direct.key == from_cert.key and direct.kid == "k1" and from_cert.kid is None
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: rsa.generate_private_key(65537, 1024).public_key(), "2048"),  # noqa: S505 - must be refused
+        (lambda: x25519.X25519PrivateKey.generate().public_key(), "unsupported key type"),
+    ],
+    ids=["rsa-1024", "x25519"],
+)
+def test_from_pem_file_refuses_keys_that_cannot_sign_safely(make: Any, message: str, tmp_path: Path) -> None:
+    path = tmp_path / "key.pem"
+    path.write_bytes(pem(make()))
+    with pytest.raises(ValueError, match=message):
+        from_pem_file(str(path), None)
+
+
+# --- TokenCache ---
+
+
+def test_token_cache_is_a_bounded_lru_and_counts_hits() -> None:
+    metrics = Metrics()
+    cache = TokenCache[str](2, metrics)
+    a, b, c = token_digest("a.b.c"), token_digest("d.e.f"), token_digest("g.h.i")
+    cache.put(a, "A")
+    cache.put(b, "B")
+    assert cache.get(a) == "A"  # a is now the most recently used
+    cache.put(c, "C")  # evicts b, the least recently used
+    assert len(cache) == 2
+    assert cache.get(b) is None
+    assert (cache.get(a), cache.get(c)) == ("A", "C")
+    cache.discard(a)
+    assert cache.get(a) is None and len(cache) == 1
+
+    def count(result: str) -> float | None:
+        return metrics.registry.get_sample_value("gateway_token_cache_requests_total", {"result": result})
+
+    assert (count("hit"), count("miss")) == (3, 2)
+
+
+def test_token_cache_of_size_zero_stores_nothing() -> None:
+    cache = TokenCache[str](0)
+    cache.put(token_digest("t"), "T")
+    assert len(cache) == 0 and cache.get(token_digest("t")) is None
+
+
+def test_token_cache_holds_no_token_only_its_digest() -> None:
+    token = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJl"
+    digest = token_digest(token)
+    assert len(digest) == 32 and token.encode() not in digest
+    assert digest == token_digest(token) != token_digest(token + "x")
+    assert len(token_digest("ünïcödé")) == 32  # never raises, whatever a header carried
+
+
+# --- strict base64url and typ ---
+
+
+@pytest.mark.parametrize(
+    ("segment", "ok"),
+    [
+        ("", True),
+        ("eyJhIjoxfQ", True),
+        ("_-8", True),
+        ("eyJhIjoxfQ==", False),  # padding
+        ("eyJhIjox+Q", False),  # standard alphabet
+        ("eyJhIjox/Q", False),
+        ("eyJh~joxfQ", False),
+        ("eyJhIjoxfQAAA", False),  # length 1 past a multiple of 4
+        ("_-9", False),  # unused low bits set: the same bytes as "_-8"
+        ("QR", False),  # likewise ("QQ" is canonical)
+    ],
+)
+def test_b64decode_accepts_only_canonical_unpadded_base64url(segment: str, ok: bool) -> None:
+    if ok:
+        assert base64.urlsafe_b64encode(_b64decode(segment)).rstrip(b"=").decode() == segment
+    else:
+        with pytest.raises(ValueError):
+            _b64decode(segment)
+
+
+@pytest.mark.parametrize(
+    ("typ", "ok"),
+    [("at+jwt", True), ("AT+JWT", True), ("application/at+jwt", True), ("JWT", False), (None, False), (7, False)],
+)
+def test_typ_matching_is_case_insensitive_with_or_without_application(typ: Any, ok: bool) -> None:
+    assert _typ_matches(typ, "at+jwt") is ok
+
+
+# --- JwtVerifier: tokens that are not this route's ---
+
+
+async def test_opaque_and_foreign_tokens_are_not_mine(tmp_path: Path) -> None:
+    """An opaque token, or a JWT of an issuer the route does not accept, raises NotMine (jwt_or_introspect then
+    asks introspection) carrying the error jwt-only mode answers."""
+    key = Key.rsa()
+    metrics = Metrics()
+    settings = IssuerSettings(name="corp", issuer=ISSUER, jwks_uri="http://127.0.0.1:9/jwks", audiences=(AUDIENCE,))
+    keys = IssuerKeys(settings, None, metrics, static=KeySet([vk(key.kid, key.private.public_key())]))
+    verifier = JwtVerifier({"corp": keys}, TokenCache[Verified](10, metrics))
+    cases: list[tuple[str, frozenset[str], type[errors.AuthError]]] = [
+        ("an-opaque-token", frozenset({"corp"}), errors.Malformed),
+        (key.sign(iss="https://other.test/"), frozenset({"corp"}), errors.WrongIssuer),
+        (key.sign(), frozenset({"elsewhere"}), errors.WrongIssuer),
+    ]
+    for token, allowed, expected in cases:
+        with pytest.raises(NotMine) as caught:
+            await verifier.verify(token, allowed)
+        assert type(caught.value.error) is expected
+    assert (await verifier.verify(key.sign(), frozenset({"corp"}))).subject == "alice"
+    with pytest.raises(NotMine):  # a cached token is still refused on a route that does not accept its issuer
+        await verifier.verify(key.sign(), frozenset({"elsewhere"}))
