@@ -11,7 +11,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +19,7 @@ import aiohttp
 from aiohttp import web
 
 from gateway import bearer, errors, proxy
+from gateway import upstream as upstream_client
 from gateway.config import (
     GATEWAY_ISSUER_NAME,
     IssuerSettings,
@@ -55,6 +56,7 @@ class Route:
     token: TokenLocation
     max_token_bytes: int
     upstream: proxy.Upstream
+    observe_upstream: Callable[[float], None]  # this route's upstream latency histogram
 
 
 @dataclass
@@ -85,6 +87,11 @@ class Runtime:
     gateway: Gateway | None = None
     draining: bool = False
     refreshers: dict[int, asyncio.Task[None]] = field(default_factory=dict)
+    pools: upstream_client.Pools = field(default_factory=upstream_client.Pools)
+
+    @property
+    def clients(self) -> proxy.Clients:
+        return proxy.Clients(self.session, self.pools)
 
     async def install(self, gateway: Gateway) -> None:
         """Fetch keys the new config has not got yet, swap it in, and move the background refreshers over."""
@@ -121,6 +128,7 @@ class Runtime:
             task.cancel()
         await asyncio.gather(*self.refreshers.values(), return_exceptions=True)
         self.refreshers.clear()
+        self.pools.close()
         await self.session.close()
         await self.store.close()
 
@@ -149,8 +157,12 @@ def build_gateway(settings: Settings, runtime: Runtime, previous: Gateway | None
         prefix=shared.prefix if shared else "",
         previous=previous.introspectors if previous else {},
     )
+    identity_names = frozenset(name.lower() for r in settings.routes for name in r.forward.identity_headers)
     table = RouteTable(
-        [(Matcher.compile(r.match), _route(r, verifier, introspectors, runtime)) for r in settings.routes]
+        [
+            (Matcher.compile(r.match), _route(r, verifier, introspectors, runtime, identity_names))
+            for r in settings.routes
+        ]
     )
     return Gateway(settings=settings, routes=table, issuers=issuers, signer=signer, introspectors=introspectors)
 
@@ -176,8 +188,10 @@ def _issuer_keys(issuer: IssuerSettings, runtime: Runtime, signer: Signer | None
         static = KeySet(from_pem_file(k.pem_file, k.kid) for k in issuer.keys)
     elif issuer.hmac_secret_env:
         secret = os.environ.get(issuer.hmac_secret_env, "")
-        if len(secret) < 32:
-            raise ValueError(f"issuer {issuer.name}: {issuer.hmac_secret_env} must hold a secret of 32+ bytes")
+        # RFC 7518 §3.2: a key at least as long as the hash (HS256: 32 bytes, HS384: 48, HS512: 64).
+        needed = max(int(alg[2:]) // 8 for alg in issuer.algorithms)
+        if len(secret.encode()) < needed:
+            raise ValueError(f"issuer {issuer.name}: {issuer.hmac_secret_env} must hold a secret of {needed}+ bytes")
         static = KeySet([VerificationKey(kid=None, key=secret.encode(), algorithms=frozenset(issuer.algorithms))])
     else:
         static = None
@@ -185,7 +199,11 @@ def _issuer_keys(issuer: IssuerSettings, runtime: Runtime, signer: Signer | None
 
 
 def _route(
-    settings: RouteSettings, verifier: JwtVerifier, introspectors: Mapping[str, Introspector], runtime: Runtime
+    settings: RouteSettings,
+    verifier: JwtVerifier,
+    introspectors: Mapping[str, Introspector],
+    runtime: Runtime,
+    identity_names: frozenset[str],
 ) -> Route:
     auth = settings.auth
     judge = None
@@ -205,7 +223,8 @@ def _route(
         judge=judge,
         token=auth.token,
         max_token_bytes=auth.max_token_bytes,
-        upstream=proxy.Upstream.compile(settings),
+        upstream=proxy.Upstream.compile(settings, identity_names),
+        observe_upstream=runtime.metrics.upstream_duration.labels(settings.name).observe,
     )
 
 
@@ -232,7 +251,9 @@ class Handler:
             route_name = route.name
             if route.judge is not None:
                 identity = await self._judge(request, route)
-            response = await proxy.forward(request, self.runtime.session, route.upstream, identity)
+            response = await proxy.forward(
+                request, self.runtime.clients, route.upstream, identity, route.observe_upstream
+            )
         except errors.GatewayError as exc:
             reason = exc.reason
             response = error_response(exc)

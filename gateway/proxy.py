@@ -11,8 +11,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from http.cookies import SimpleCookie
+from typing import Protocol
 from urllib.parse import unquote_plus
 
 import aiohttp
@@ -21,6 +24,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from gateway import errors
+from gateway import upstream as upstream_client
 from gateway.config import RouteSettings
 from gateway.identity import Identity
 
@@ -44,6 +48,10 @@ class Upstream:
     """Where and how one route forwards: compiled from RouteSettings once, at load."""
 
     origin: str  # scheme://host:port
+    scheme: str
+    host: str
+    port: int
+    netloc: str  # the Host header the upstream expects (port only when not the scheme's default)
     base_path: str  # without trailing slash
     strip_prefix: str | None
     preserve_host: bool
@@ -55,18 +63,26 @@ class Upstream:
     credential_name: str | None
 
     @classmethod
-    def compile(cls, route: RouteSettings) -> Upstream:
+    def compile(cls, route: RouteSettings, identity_names: frozenset[str] = frozenset()) -> Upstream:
+        """`identity_names`: identity header names of every route, lower-case. They are removed from requests on
+        every route, `auth: none` included, so a client cannot pose as an identity to an upstream that also sits
+        behind an authenticated route."""
         url = URL(route.upstream.url)
         identity = tuple(route.forward.identity_headers.items())
         token = route.auth.token
         remove = route.forward.remove_credential and route.auth.mode != "none"
         # expect: the gateway answers 100-continue itself (see forward()).
         removed = set(HOP_BY_HOP) | {"host", "x-forwarded-proto", "x-forwarded-host", "expect"}
-        removed |= {name.lower() for name, _ in identity}
+        removed |= {name.lower() for name, _ in identity} | identity_names
         if remove and token.source in ("authorization", "header"):
             removed.add("authorization" if token.source == "authorization" else (token.name or "").lower())
+        assert url.host is not None and url.port is not None  # noqa: S101 - UpstreamSettings checks the URL
         return cls(
             origin=str(url.origin()),
+            scheme=url.scheme,
+            host=url.host,
+            port=url.port,
+            netloc=url.raw_authority,
             base_path=url.raw_path.rstrip("/"),
             strip_prefix=route.upstream.strip_prefix,
             preserve_host=route.upstream.preserve_host,
@@ -79,6 +95,10 @@ class Upstream:
         )
 
     def target(self, request: web.BaseRequest) -> URL:
+        return URL(f"{self.origin}{self.target_path(request)}", encoded=True)
+
+    def target_path(self, request: web.BaseRequest) -> str:
+        """The upstream request-target: base path, the (stripped) raw path and the raw query."""
         path = request.rel_url.raw_path
         if self.strip_prefix and (path == self.strip_prefix or path.startswith(self.strip_prefix.rstrip("/") + "/")):
             path = path[len(self.strip_prefix.rstrip("/")) :] or "/"
@@ -87,7 +107,7 @@ class Upstream:
             # Drop only the credential's pairs and keep the others byte for byte: decoding and re-encoding the
             # whole query (parse_qsl + urlencode) changed %20 into +, `flag` into `flag=`, and so on.
             query = "&".join(pair for pair in query.split("&") if _query_key(pair) != self.credential_name)
-        return URL(f"{self.origin}{self.base_path}{path}{'?' + query if query else ''}", encoded=True)
+        return f"{self.base_path}{path}{'?' + query if query else ''}"
 
     def headers(self, request: web.BaseRequest, identity: Identity | None) -> CIMultiDict[str]:
         connection_named = {
@@ -146,25 +166,96 @@ def is_websocket(request: web.BaseRequest) -> bool:
     return "upgrade" in connection and request.headers.get("Upgrade", "").strip().lower() == "websocket"
 
 
+@dataclass(frozen=True, slots=True)
+class Clients:
+    """The HTTP clients forwarding uses; they outlive config reloads."""
+
+    session: aiohttp.ClientSession  # WebSocket upgrades and HEAD
+    pools: upstream_client.Pools  # everything else: the lean keep-alive client
+
+
+class _Answer(Protocol):
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+    content_length: int | None
+
+    def chunks(self) -> AsyncIterator[bytes]: ...
+    async def read(self) -> bytes: ...
+
+
 async def forward(
-    request: web.BaseRequest, session: aiohttp.ClientSession, upstream: Upstream, identity: Identity | None
+    request: web.BaseRequest,
+    clients: Clients,
+    upstream: Upstream,
+    identity: Identity | None,
+    observe: Callable[[float], None] | None = None,
 ) -> web.StreamResponse:
-    """Send the request upstream; raise UpstreamUnavailable / UpstreamTimeout before any byte is answered."""
+    """Send the request upstream; raise UpstreamUnavailable / UpstreamTimeout before any byte is answered.
+
+    `observe` gets the seconds the upstream took to answer with headers.
+    """
     headers = upstream.headers(request, identity)
-    url = upstream.target(request)
     if is_websocket(request):
-        return await _forward_websocket(request, session, upstream, url, headers)
-    body = request.content if request.body_exists else None
-    if body is not None and request.version >= (1, 1) and request.headers.get("Expect", "").lower() == "100-continue":
+        return await _forward_websocket(request, clients.session, upstream, upstream.target(request), headers)
+    has_body = request.body_exists
+    if has_body and request.version >= (1, 1) and request.headers.get("Expect", "").lower() == "100-continue":
         # The client holds its body back until told to send it (RFC 9110 §10.1.1); nothing else would tell it
         # (curl waits a second per upload, others for ever). Said only now, once the token has been judged, so a
         # refused upload never crosses the network.
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    started = time.perf_counter()
+    if request.method == "HEAD":  # llhttp cannot be told that an answer to HEAD has no body
+        answer, release = await _send_with_aiohttp(request, clients.session, upstream, headers, has_body)
+    else:
+        answer, release = await _send(request, clients.pools, upstream, headers, has_body)
+    if observe is not None:
+        observe(time.perf_counter() - started)
+    try:
+        return await _relay(request, answer)
+    finally:
+        release()
+
+
+async def _send(
+    request: web.BaseRequest,
+    pools: upstream_client.Pools,
+    upstream: Upstream,
+    headers: CIMultiDict[str],
+    has_body: bool,
+) -> tuple[_Answer, Callable[[], None]]:
+    pool = pools.get(upstream.scheme, upstream.host, upstream.port)
+    if not upstream.preserve_host:
+        headers["Host"] = upstream.netloc
+    chunked = has_body and "Content-Length" not in headers
+    if chunked:
+        headers["Transfer-Encoding"] = "chunked"  # the client's own framing is hop-by-hop and was removed
+    head = upstream_client.encode_head(request.method, upstream.target_path(request), headers.items())
+    body = request.content.iter_any() if has_body else None
+    try:
+        async with asyncio.timeout(upstream.timeout):
+            connection, answer = await upstream_client.request(pool, head, body, chunked, upstream.connect_timeout)
+    except upstream_client.UpstreamFailed as exc:
+        log.warning("upstream request failed", extra={"upstream": upstream.origin, "error": str(exc)})
+        raise errors.UpstreamUnavailable() from None
+    except TimeoutError:
+        raise errors.UpstreamTimeout() from None
+    return answer, connection.abandon
+
+
+async def _send_with_aiohttp(
+    request: web.BaseRequest,
+    session: aiohttp.ClientSession,
+    upstream: Upstream,
+    headers: CIMultiDict[str],
+    has_body: bool,
+) -> tuple[_Answer, Callable[[], None]]:
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=upstream.connect_timeout)
     try:
         async with asyncio.timeout(upstream.timeout):
             answer = await session.request(
-                request.method, url, headers=headers, data=body, allow_redirects=False,
+                request.method, upstream.target(request), headers=headers,
+                data=request.content if has_body else None, allow_redirects=False,
                 timeout=timeout, skip_auto_headers=_SKIP_AUTO,
             )  # fmt: skip
     except aiohttp.ClientError as exc:
@@ -174,45 +265,65 @@ async def forward(
         raise errors.UpstreamUnavailable() from None
     except TimeoutError:
         raise errors.UpstreamTimeout() from None
-    try:
-        return await _relay(request, answer)
-    finally:
-        answer.close()  # a no-op when the body was read to the end (the connection is already back in the pool)
+    # close() is a no-op when the body was read to the end (the connection is already back in the pool).
+    return _AiohttpAnswer(answer), answer.close
 
 
-async def _relay(request: web.BaseRequest, answer: aiohttp.ClientResponse) -> web.StreamResponse:
-    headers = CIMultiDict(
-        (k, v) for k, v in answer.headers.items() if k.lower() not in HOP_BY_HOP and k.lower() != "content-length"
+class _AiohttpAnswer:
+    """aiohttp's response seen through the same small interface as the lean client's."""
+
+    def __init__(self, answer: aiohttp.ClientResponse) -> None:
+        self._answer = answer
+        self.status = answer.status
+        self.reason = answer.reason or ""
+        self.headers = list(answer.headers.items())
+        self.content_length = answer.content_length
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        while True:
+            try:
+                chunk = await self._answer.content.readany()
+            except aiohttp.ClientError as exc:  # ClientPayloadError, ServerDisconnectedError
+                raise upstream_client.UpstreamFailed(type(exc).__name__) from None
+            if not chunk:
+                return
+            yield chunk
+
+    async def read(self) -> bytes:
+        return b"".join([chunk async for chunk in self.chunks()])
+
+
+async def _relay(request: web.BaseRequest, answer: _Answer) -> web.StreamResponse:
+    headers: CIMultiDict[str] = CIMultiDict(
+        (k, v) for k, v in answer.headers if k.lower() not in HOP_BY_HOP and k.lower() != "content-length"
     )
-    for value in answer.headers.getall("Connection", ()):
-        for token in value.split(","):
-            headers.popall(token.strip(), None)
+    for name, value in answer.headers:
+        if name.lower() == "connection":
+            for token in value.split(","):
+                headers.popall(token.strip(), None)
     length = answer.content_length
     no_body = request.method == "HEAD" or answer.status in _NO_BODY_STATUSES
-    if no_body or (length is not None and length <= _SMALL_BODY):
-        body = b"" if no_body else await answer.read()
-        small = web.Response(status=answer.status, reason=answer.reason, headers=headers, body=body)
-        if no_body and length is not None:
-            small.headers["Content-Length"] = str(length)
-        return small
-    response = web.StreamResponse(status=answer.status, reason=answer.reason, headers=headers)
-    if length is not None:
-        response.content_length = length
-    await response.prepare(request)
-    while True:
-        try:
-            chunk = await answer.content.readany()
-        except aiohttp.ClientError as exc:  # ClientPayloadError, ServerDisconnectedError: the upstream broke off
-            # The status line is out, so no error status can be sent. Returning normally would let aiohttp write
-            # the final chunk and pass a cut-off body off as complete; closing the connection short of it (or of
-            # Content-Length) is how HTTP/1.1 tells the client the answer is incomplete.
-            log.warning("upstream broke off its answer", extra={"error": type(exc).__name__})
-            if request.transport is not None:
-                request.transport.close()
-            raise errors.UpstreamUnavailable("the upstream broke off its answer") from None
-        if not chunk:
-            break
-        await response.write(chunk)  # waits while the client's socket buffer is full: memory stays flat
+    try:
+        if no_body or (length is not None and length <= _SMALL_BODY):
+            body = b"" if no_body else await answer.read()
+            small = web.Response(status=answer.status, reason=answer.reason, headers=headers, body=body)
+            if no_body and length is not None:
+                small.headers["Content-Length"] = str(length)
+            return small
+        response = web.StreamResponse(status=answer.status, reason=answer.reason, headers=headers)
+        if length is not None:
+            response.content_length = length
+        await response.prepare(request)
+        async for chunk in answer.chunks():
+            await response.write(chunk)  # waits while the client's socket buffer is full: memory stays flat
+    except upstream_client.UpstreamFailed as exc:
+        # Once the status line is out no error status can be sent. Returning normally would let aiohttp write the
+        # final chunk and pass a cut-off body off as complete; closing the connection short of it (or of
+        # Content-Length) is how HTTP/1.1 tells the client the answer is incomplete.
+        log.warning("upstream broke off its answer", extra={"error": str(exc)})
+        if request.transport is not None:
+            request.transport.close()
+        raise errors.UpstreamUnavailable("the upstream broke off its answer") from None
     await response.write_eof()
     return response
 

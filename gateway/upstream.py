@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import socket
 import ssl
 from collections.abc import AsyncIterator, Iterable
+from typing import cast
 
 import httptools
 
@@ -61,11 +63,15 @@ class Connection(asyncio.Protocol):
         self._error: BaseException | None = None
         self._keep_alive = False
         self.closed = False
+        self.done = False  # the whole response was read (the connection went back to the pool, or closed)
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)  # noqa: S101 - a stream connection
-        self.transport = transport
+        # A stream transport (uvloop's is not an asyncio.Transport subclass, so no isinstance check).
+        self.transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:  # small writes go out at once instead of waiting for an ACK (Nagle)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -99,12 +105,13 @@ class Connection(asyncio.Protocol):
 
     def on_status(self, status: bytes) -> None:
         assert self.response is not None  # noqa: S101 - on_message_begin came first
-        self.response.reason = status.decode("latin-1")
+        self.response.reason = status.decode("utf-8", "surrogateescape")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         assert self.response is not None  # noqa: S101
-        key = name.decode("latin-1")
-        text = value.decode("latin-1")
+        # As aiohttp's own parser decodes them, so the bytes pass through the server side unchanged.
+        key = name.decode("utf-8", "surrogateescape")
+        text = value.decode("utf-8", "surrogateescape")
         lower = key.lower()
         if lower == "content-length" and text.isdigit():
             self.response.content_length = int(text)
@@ -137,6 +144,7 @@ class Connection(asyncio.Protocol):
     # used by `request`
     async def send(self, head: bytes, body: AsyncIterator[bytes] | None, chunked: bool) -> Response:
         assert self.transport is not None  # noqa: S101 - connected by the pool
+        self.done = False
         self._headers_ready = asyncio.get_running_loop().create_future()
         self.transport.write(head)
         if body is not None:
@@ -170,8 +178,14 @@ class Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    def abandon(self) -> None:
+        """The caller stops before the end of the response (error, client gone): the connection cannot be reused."""
+        if not self.done:
+            self.close()
+
     def _finish(self) -> None:
         """The whole response was read: back to the pool if both sides allow keep-alive."""
+        self.done = True
         if self._keep_alive and not self.closed:
             self.response = None
             self._body_done = False
@@ -192,6 +206,27 @@ class Connection(asyncio.Protocol):
             self._body_waiter.set_result(None)
 
 
+class Pools:
+    """One Pool per upstream origin, shared by every route and kept across config reloads."""
+
+    def __init__(self) -> None:
+        self._pools: dict[tuple[str, str, int], Pool] = {}
+        self._tls: ssl.SSLContext | None = None
+
+    def get(self, scheme: str, host: str, port: int) -> Pool:
+        key = (scheme, host, port)
+        pool = self._pools.get(key)
+        if pool is None:
+            if scheme == "https" and self._tls is None:
+                self._tls = ssl.create_default_context()
+            pool = self._pools[key] = Pool(host, port, self._tls if scheme == "https" else None)
+        return pool
+
+    def close(self) -> None:
+        for pool in self._pools.values():
+            pool.close()
+
+
 class Pool:
     """Keep-alive connections to one upstream origin."""
 
@@ -208,7 +243,7 @@ class Pool:
                     server_hostname=self.host if self.tls else None,
                 )  # fmt: skip
         except TimeoutError:
-            raise
+            raise UpstreamFailed(f"connecting to {self.host}:{self.port} timed out") from None
         except OSError as exc:
             raise UpstreamFailed(f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}") from None
         return connection
@@ -259,4 +294,5 @@ async def request(
 def encode_head(method: str, target: str, headers: Iterable[tuple[str, str]]) -> bytes:
     lines = [f"{method} {target} HTTP/1.1"]
     lines.extend(f"{name}: {value}" for name, value in headers)
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    # aiohttp decoded the client's headers as UTF-8 with surrogateescape: this gives back the very bytes it sent.
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")

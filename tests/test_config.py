@@ -205,3 +205,17 @@ def test_check_config_cli(tmp_path: Path) -> None:
         capture_output=True, text=True, env={**env, "LEGACY_HMAC_SECRET": "short"},
     )  # fmt: skip
     assert weak.returncode == 1 and "LEGACY_HMAC_SECRET must hold a secret of 32+ bytes" in weak.stderr
+
+
+def test_hmac_secret_must_be_as_long_as_the_hash(monkeypatch: pytest.MonkeyPatch) -> None:
+    """RFC 7518 §3.2: "A key of the same size as the hash output ... or larger MUST be used"."""
+    from gateway.checks import compile_check
+
+    text = MINIMAL.replace("jwks_uri: https://idp.test/jwks", "hmac_secret_env: GW_TEST_HMAC").replace(
+        "audiences: [api]", "audiences: [api]\n    algorithms: [HS256, HS512]"
+    )
+    settings = configfile.loads(text)
+    monkeypatch.setenv("GW_TEST_HMAC", "k" * 48)
+    assert compile_check(settings) == "issuer corp: GW_TEST_HMAC must hold a secret of 64+ bytes"
+    monkeypatch.setenv("GW_TEST_HMAC", "k" * 64)
+    assert compile_check(settings) is None
