@@ -11,7 +11,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +29,7 @@ from gateway.config import (
     TokenLocation,
 )
 from gateway.identity import Identity
-from gateway.metrics import Metrics
+from gateway.metrics import Metrics, RouteMetrics
 from gateway.revocation import Mirror, RevocationCheck
 from gateway.routing import Matcher, RouteTable
 from gateway.signing import Signer
@@ -56,7 +56,7 @@ class Route:
     token: TokenLocation
     max_token_bytes: int
     upstream: proxy.Upstream
-    observe_upstream: Callable[[float], None]  # this route's upstream latency histogram
+    metrics: RouteMetrics
 
 
 @dataclass
@@ -224,7 +224,7 @@ def _route(
         token=auth.token,
         max_token_bytes=auth.max_token_bytes,
         upstream=proxy.Upstream.compile(settings, identity_names),
-        observe_upstream=runtime.metrics.upstream_duration.labels(settings.name).observe,
+        metrics=RouteMetrics(runtime.metrics, settings.name),
     )
 
 
@@ -233,7 +233,7 @@ class Handler:
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
-        self.metrics = runtime.metrics
+        self.unmatched = RouteMetrics(runtime.metrics, "unmatched")
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         gateway = self.runtime.gateway
@@ -243,16 +243,16 @@ class Handler:
             issuer = self.runtime.tokens.issuer(gateway.settings.tokens, gateway.signer)
             return await serve_public(request, self.runtime.tokens, issuer)
         started = time.perf_counter()
-        route_name = "unmatched"
+        metrics = self.unmatched
         identity: Identity | None = None
         reason = ""
         try:
             route = gateway.routes.match(request.method, request.host, request.path)
-            route_name = route.name
+            metrics = route.metrics
             if route.judge is not None:
                 identity = await self._judge(request, route)
             response = await proxy.forward(
-                request, self.runtime.clients, route.upstream, identity, route.observe_upstream
+                request, self.runtime.clients, route.upstream, identity, metrics.upstream_answered
             )
         except errors.GatewayError as exc:
             reason = exc.reason
@@ -260,14 +260,13 @@ class Handler:
         except Exception:
             if isinstance(request.transport, asyncio.Transport) and request.transport.is_closing():
                 raise  # the client went away mid-answer; nothing left to tell it
-            log.exception("unexpected error", extra={"route": route_name})
+            log.exception("unexpected error", extra={"route": metrics.route})
             reason = "internal"
             response = error_response(errors.GatewayError())
         elapsed = time.perf_counter() - started
-        self.metrics.http_requests.labels(route_name, request.method, str(response.status)).inc()
-        self.metrics.http_duration.labels(route_name).observe(elapsed)
+        metrics.answered(request.method, response.status, elapsed)
         if gateway.settings.log.access:
-            _log_access(request, route_name, response.status, elapsed, identity, reason)
+            _log_access(request, metrics.route, response.status, elapsed, identity, reason)
         return response
 
     async def _judge(self, request: web.BaseRequest, route: Route) -> Identity:
@@ -276,10 +275,9 @@ class Handler:
             token = bearer.extract(request, route.token, route.max_token_bytes)
             identity = await route.judge.judge(token)
         except errors.GatewayError as exc:
-            outcome = "error" if exc.status >= 500 else "deny"
-            self.metrics.auth_decisions.labels(route.name, outcome, exc.reason).inc()
+            route.metrics.denied("error" if exc.status >= 500 else "deny", exc.reason)
             raise
-        self.metrics.auth_decisions.labels(route.name, "allow", "ok").inc()
+        route.metrics.allowed()
         if identity.issuer == GATEWAY_ISSUER_NAME and identity.token_id is not None:
             self.runtime.usage.record(identity.token_id, request.remote, request.headers.get("User-Agent"))
         return identity

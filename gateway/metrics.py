@@ -7,6 +7,7 @@ Never a path, a subject or a token.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
@@ -124,3 +125,45 @@ class Metrics:
             "gateway_store_up", "1 while the store (Redis) is reachable, else 0.", registry=r,
             multiprocess_mode="livemin",
         )  # fmt: skip
+
+
+# Methods outside this set are counted as "other": a client must not be able to mint label values.
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"})
+
+
+class RouteMetrics:
+    """One route's metric children, bound on first use and cached: `labels()` on every request costs more than
+    the count itself. Lazily, so no series appears before it has something to say (no "allow" for unmatched)."""
+
+    def __init__(self, metrics: Metrics, route: str) -> None:
+        self.route = route
+        self._metrics = metrics
+        self._requests: dict[tuple[str, int], Any] = {}
+        self._duration: Any = None
+        self._upstream: Any = None
+        self._allowed: Any = None
+
+    def answered(self, method: str, status: int, seconds: float) -> None:
+        child = self._requests.get((method, status))
+        if child is None:
+            label = method if method in KNOWN_METHODS else "other"
+            child = self._requests[(method, status)] = self._metrics.http_requests.labels(
+                self.route, label, str(status)
+            )
+        child.inc()
+        if self._duration is None:
+            self._duration = self._metrics.http_duration.labels(self.route)
+        self._duration.observe(seconds)
+
+    def upstream_answered(self, seconds: float) -> None:
+        if self._upstream is None:
+            self._upstream = self._metrics.upstream_duration.labels(self.route)
+        self._upstream.observe(seconds)
+
+    def allowed(self) -> None:
+        if self._allowed is None:
+            self._allowed = self._metrics.auth_decisions.labels(self.route, "allow", "ok")
+        self._allowed.inc()
+
+    def denied(self, outcome: str, reason: str) -> None:
+        self._metrics.auth_decisions.labels(self.route, outcome, reason).inc()

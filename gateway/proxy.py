@@ -294,38 +294,51 @@ class _AiohttpAnswer:
 
 
 async def _relay(request: web.BaseRequest, answer: _Answer) -> web.StreamResponse:
-    headers: CIMultiDict[str] = CIMultiDict(
-        (k, v) for k, v in answer.headers if k.lower() not in HOP_BY_HOP and k.lower() != "content-length"
-    )
+    headers: CIMultiDict[str] = CIMultiDict()
+    named: set[str] = set()  # headers the upstream's Connection header names are hop-by-hop too
     for name, value in answer.headers:
-        if name.lower() == "connection":
-            for token in value.split(","):
-                headers.popall(token.strip(), None)
+        lower = name.lower()
+        if lower == "connection":
+            named.update(token.strip().lower() for token in value.split(","))
+        elif lower not in HOP_BY_HOP and lower != "content-length":
+            headers.add(name, value)
+    for name in named:
+        headers.popall(name, None)
     length = answer.content_length
     no_body = request.method == "HEAD" or answer.status in _NO_BODY_STATUSES
+    if no_body or (length is not None and length <= _SMALL_BODY):
+        body = b"" if no_body else await _read(request, answer)
+        small = web.Response(status=answer.status, reason=answer.reason, headers=headers, body=body)
+        if no_body and length is not None:
+            small.headers["Content-Length"] = str(length)
+        return small
+    response = web.StreamResponse(status=answer.status, reason=answer.reason, headers=headers)
+    if length is not None:
+        response.content_length = length
+    await response.prepare(request)
     try:
-        if no_body or (length is not None and length <= _SMALL_BODY):
-            body = b"" if no_body else await answer.read()
-            small = web.Response(status=answer.status, reason=answer.reason, headers=headers, body=body)
-            if no_body and length is not None:
-                small.headers["Content-Length"] = str(length)
-            return small
-        response = web.StreamResponse(status=answer.status, reason=answer.reason, headers=headers)
-        if length is not None:
-            response.content_length = length
-        await response.prepare(request)
         async for chunk in answer.chunks():
             await response.write(chunk)  # waits while the client's socket buffer is full: memory stays flat
-    except upstream_client.UpstreamFailed as exc:
-        # Once the status line is out no error status can be sent. Returning normally would let aiohttp write the
+    except BaseException as exc:
+        # The status line is out, so no error status can be sent. Returning normally would let aiohttp write the
         # final chunk and pass a cut-off body off as complete; closing the connection short of it (or of
         # Content-Length) is how HTTP/1.1 tells the client the answer is incomplete.
-        log.warning("upstream broke off its answer", extra={"error": str(exc)})
         if request.transport is not None:
             request.transport.close()
-        raise errors.UpstreamUnavailable("the upstream broke off its answer") from None
+        if isinstance(exc, upstream_client.UpstreamFailed):
+            log.warning("upstream broke off its answer", extra={"error": str(exc)})
+            raise errors.UpstreamUnavailable("the upstream broke off its answer") from None
+        raise
     await response.write_eof()
     return response
+
+
+async def _read(request: web.BaseRequest, answer: _Answer) -> bytes:
+    try:
+        return await answer.read()
+    except upstream_client.UpstreamFailed as exc:  # nothing sent yet: a clean 502
+        log.warning("upstream broke off its answer", extra={"error": str(exc)})
+        raise errors.UpstreamUnavailable("the upstream broke off its answer") from None
 
 
 async def _forward_websocket(

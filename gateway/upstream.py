@@ -110,14 +110,14 @@ class Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         assert self.response is not None  # noqa: S101
         # As aiohttp's own parser decodes them, so the bytes pass through the server side unchanged.
-        key = name.decode("utf-8", "surrogateescape")
         text = value.decode("utf-8", "surrogateescape")
-        lower = key.lower()
-        if lower == "content-length" and text.isdigit():
-            self.response.content_length = int(text)
-        elif lower == "transfer-encoding" and "chunked" in text.lower():
-            self.response.chunked = True
-        self.response.headers.append((key, text))
+        if len(name) in (14, 17):  # only then can it be Content-Length or Transfer-Encoding
+            lower = name.lower()
+            if lower == b"content-length" and text.isdigit():
+                self.response.content_length = int(text)
+            elif lower == b"transfer-encoding" and "chunked" in text.lower():
+                self.response.chunked = True
+        self.response.headers.append((name.decode("utf-8", "surrogateescape"), text))
 
     def on_headers_complete(self) -> None:
         assert self.response is not None  # noqa: S101
