@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -28,10 +29,10 @@ class Identity:
         if value is None:
             return None
         if isinstance(value, list | tuple):
-            return " ".join(str(v) for v in value)
-        if isinstance(value, bool):
-            return "true" if value else "false"
-        return str(value)
+            return " ".join(v if isinstance(v, str) else json.dumps(v, separators=(",", ":")) for v in value)
+        if isinstance(value, str):
+            return value
+        return json.dumps(value, separators=(",", ":"))  # numbers, booleans, objects: as JSON, not Python repr
 
 
 def scopes_of(claims: Mapping[str, Any]) -> frozenset[str]:

@@ -14,7 +14,6 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from http.cookies import SimpleCookie
 from typing import Protocol
 from urllib.parse import unquote_plus
 
@@ -148,12 +147,10 @@ def _query_key(pair: str) -> str:
 
 
 def _without_cookie(header: str, name: str) -> str:
-    jar: SimpleCookie = SimpleCookie()
-    try:
-        jar.load(header)
-    except Exception:  # noqa: BLE001 - unparsable cookies are dropped rather than forwarded with the credential
-        return ""
-    return "; ".join(f"{k}={m.coded_value}" for k, m in jar.items() if k != name)
+    """The Cookie header without the credential's pairs; every other pair is kept byte for byte (RFC 6265 §4.2:
+    pairs are separated by ';'). A parser such as SimpleCookie would drop everything it cannot parse."""
+    pairs = (pair.strip() for pair in header.split(";"))
+    return "; ".join(pair for pair in pairs if pair and pair.partition("=")[0].strip() != name)
 
 
 def is_websocket(request: web.BaseRequest) -> bool:

@@ -42,10 +42,13 @@ class RouteTable(Generic[T]):
         self._entries = tuple(entries)
 
     def match(self, method: str, host: str, path: str) -> T:
-        """Raise InvalidRequest for a path with dot segments, NoRoute when nothing matches."""
+        """Raise InvalidRequest for a path the upstream could read differently, NoRoute when nothing matches."""
         if "/." in path and any(seg in (".", "..") for seg in path.split("/")):
             # Matching /public/../admin against /public would let the upstream resolve it to /admin.
             raise errors.InvalidRequest("the path contains . or .. segments")
+        if "//" in path:
+            # nginx and others merge slashes: //admin must not miss an /admin route and fall through to another.
+            raise errors.InvalidRequest("the path contains an empty segment (//)")
         host = _bare_host(host)
         for matcher, value in self._entries:
             if matcher.matches(method, host, path):
@@ -78,7 +81,8 @@ def _path_pattern(match: MatchSettings) -> re.Pattern[str]:
     if match.path_prefix is not None:
         prefix = match.path_prefix.rstrip("/")
         # Segment boundary: /orders matches /orders and /orders/1, not /ordersx.
-        return re.compile(re.escape(prefix) + r"(?:/.*)?" if prefix else r"/.*", re.DOTALL)
+        # ";" ends a segment too: servlet containers strip path parameters, so /admin;x is /admin upstream.
+        return re.compile(re.escape(prefix) + r"(?:[/;].*)?" if prefix else r"/.*", re.DOTALL)
     assert match.path_glob is not None  # noqa: S101 - guaranteed by MatchSettings validation
     return re.compile(_glob_to_regex(match.path_glob), re.DOTALL)
 

@@ -242,3 +242,12 @@ async def test_a_forged_token_in_any_location_is_refused(
         assert 'error="invalid_token"' in response_headers["WWW-Authenticate"]
     assert upstream.requests == []
     assert (await get(http, gw, "/cookie/1", [("Cookie", f"access_token={ec_key.sign()}")]))[0] == 200
+
+
+def test_cookie_credential_removal_keeps_unparsable_neighbours() -> None:
+    from gateway.proxy import _without_cookie
+
+    # SimpleCookie cannot parse a\c: every other cookie used to be dropped with the credential.
+    assert _without_cookie("access_token=T; a=b\\c; theme=dark", "access_token") == "a=b\\c; theme=dark"
+    assert _without_cookie("access_token=T", "access_token") == ""
+    assert _without_cookie("x=1;access_token=T;y", "access_token") == "x=1; y"

@@ -304,3 +304,16 @@ async def test_opaque_and_foreign_tokens_are_not_mine(tmp_path: Path) -> None:
     assert (await verifier.verify(key.sign(), frozenset({"corp"}))).subject == "alice"
     with pytest.raises(NotMine):  # a cached token is still refused on a route that does not accept its issuer
         await verifier.verify(key.sign(), frozenset({"elsewhere"}))
+
+
+def test_identity_header_text_of_claims() -> None:
+    from gateway.identity import Identity
+
+    claims = {"scp": ["a", "b"], "addr": {"city": "Paris"}, "admin": True, "n": 3, "mixed": ["x", {"k": 1}]}
+    who = Identity(subject="s", scopes=frozenset(), claims=claims, issuer="corp", source="jwt")
+    assert who.claim_text("scp") == "a b"
+    assert who.claim_text("addr") == '{"city":"Paris"}'  # JSON, never a Python repr
+    assert who.claim_text("admin") == "true"
+    assert who.claim_text("n") == "3"
+    assert who.claim_text("mixed") == 'x {"k":1}'
+    assert who.claim_text("absent") is None
