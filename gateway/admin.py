@@ -9,6 +9,7 @@ import hmac
 import json
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -20,6 +21,19 @@ from gateway.app import Runtime, readiness
 from gateway.metrics import exposition
 from gateway.revoke import RevokeRequest, describe
 from gateway.store import Kind
+from gateway.tokens import (
+    DISCOVERY_PATH,
+    JWKS_PATH,
+    STATUSES,
+    Issuer,
+    MintError,
+    MintRequest,
+    Status,
+    TokenQuery,
+    discovery_response,
+    jwks_response,
+    valid_jti,
+)
 
 log = logging.getLogger(__name__)
 RUNTIME = web.AppKey("runtime", Runtime)
@@ -41,6 +55,13 @@ def admin_app(runtime: Runtime, token_env: str) -> web.Application:
     app.router.add_post("/admin/revocations", _revoke)
     app.router.add_get("/admin/revocations", _list_revocations)
     app.router.add_delete("/admin/revocations", _unrevoke)
+    app.router.add_post("/admin/tokens", _mint_token)
+    app.router.add_get("/admin/tokens", _list_tokens)
+    app.router.add_get("/admin/tokens/{jti}", _show_token)
+    app.router.add_delete("/admin/tokens/{jti}", _revoke_token)
+    app.router.add_get("/admin/sessions", _list_sessions)
+    app.router.add_get(JWKS_PATH, _jwks)
+    app.router.add_get(DISCOVERY_PATH, _discovery)
     return app
 
 
@@ -154,3 +175,101 @@ async def _unrevoke(request: web.Request) -> web.Response:
         return problem(404, "not_found", f"no such {kind} revocation")
     log.info("revocation undone", extra={"kind": kind, "issuer": query.get("issuer")})
     return web.json_response({"removed": True})
+
+
+# --- The gateway's own tokens (gateway/tokens.py) ---
+
+_STATUS: dict[str, Status] = {s: s for s in STATUSES}
+_NOT_CONFIGURED = "the token service is not configured: add a tokens: section (issuer, signing key) to the config"
+
+
+def _issuer(runtime: Runtime) -> Issuer | None:
+    gateway = runtime.gateway
+    if gateway is None or gateway.signer is None or gateway.settings.tokens is None:
+        return None
+    return runtime.tokens.issuer(gateway.settings.tokens, gateway.signer)
+
+
+async def _mint_token(request: web.Request) -> web.Response:
+    """Mint a token; the answer is the only place it is ever shown."""
+    runtime = request.app[RUNTIME]
+    issuer = _issuer(runtime)
+    if issuer is None:
+        return problem(404, "not_configured", _NOT_CONFIGURED)
+    try:
+        ask = MintRequest.model_validate(await read_json(request))
+        minted = await runtime.tokens.mint(issuer, ask)
+    except ValidationError as exc:
+        return problem(400, "invalid_request", describe(exc))
+    except MintError as exc:
+        return problem(400, "invalid_request", str(exc))
+    body = {"token": minted.token, "metadata": minted.record.as_json(time.time())}
+    return web.json_response(body, status=201, headers={"Cache-Control": "no-store"})
+
+
+async def _list_tokens(request: web.Request) -> web.Response:
+    query = request.query
+    status, kind = query.get("status"), query.get("kind")
+    if status is not None and status not in _STATUS:
+        return problem(400, "invalid_request", f"status must be one of {', '.join(STATUSES)}")
+    if kind is not None and kind not in ("access", "refresh"):
+        return problem(400, "invalid_request", "kind must be access or refresh")
+    offset, limit = page_params(request)
+    filters = TokenQuery(
+        subject=query.get("subject") or None,
+        audience=query.get("audience") or None,
+        status=_STATUS[status] if status is not None else None,
+        kind=("refresh" if kind == "refresh" else "access") if kind is not None else None,
+    )
+    records, more = await request.app[RUNTIME].tokens.listing(filters, offset, limit)
+    now = time.time()
+    return web.json_response(
+        {"items": [r.as_json(now) for r in records], "next_offset": offset + limit if more else None}
+    )
+
+
+async def _show_token(request: web.Request) -> web.Response:
+    jti = request.match_info["jti"]
+    record = await request.app[RUNTIME].tokens.show(jti) if valid_jti(jti) else None
+    if record is None:
+        return problem(404, "not_found", "no such token")
+    return web.json_response(record.as_json(time.time()))
+
+
+async def _revoke_token(request: web.Request) -> web.Response:
+    """Revoke a minted token; `reason` and `by` from a JSON body or the query string."""
+    jti = request.match_info["jti"]
+    if not valid_jti(jti):
+        return problem(404, "not_found", "no such token")
+    given: dict[str, Any] = {k: request.query[k] for k in ("reason", "by") if k in request.query}
+    if request.body_exists:
+        body = await read_json(request)
+        unknown = sorted(set(body) - {"reason", "by"})
+        if unknown:
+            return problem(400, "invalid_request", f"{unknown[0]}: unknown field (reason and by are allowed)")
+        given.update(body)
+    for name, value in given.items():
+        if not isinstance(value, str) or len(value) > 512 or any(ord(c) < 32 or ord(c) == 127 for c in value):
+            return problem(400, "invalid_request", f"{name}: a string of at most 512 characters, no control characters")
+    record = await request.app[RUNTIME].tokens.revoke(jti, given.get("by") or "admin-api", given.get("reason") or "")
+    if record is None:
+        return problem(404, "not_found", "no such token")
+    return web.json_response({"revoked": record.as_json(time.time())})
+
+
+async def _list_sessions(request: web.Request) -> web.Response:
+    offset, limit = page_params(request)
+    records, more = await request.app[RUNTIME].tokens.sessions(offset, limit)
+    return web.json_response(
+        {"items": [r.session_json() for r in records], "next_offset": offset + limit if more else None}
+    )
+
+
+async def _jwks(request: web.Request) -> web.Response:
+    issuer = _issuer(request.app[RUNTIME])
+    return jwks_response(issuer) if issuer is not None else problem(404, "not_configured", _NOT_CONFIGURED)
+
+
+async def _discovery(request: web.Request) -> web.Response:
+    issuer = _issuer(request.app[RUNTIME])
+    return discovery_response(issuer) if issuer is not None else problem(404, "not_configured", _NOT_CONFIGURED)

@@ -1,12 +1,15 @@
-"""Command line: `gateway run | check-config | demo | schema | revoke | revocations | keys`. Thin: the work is elsewhere."""
+"""Command line: `gateway run | check-config | demo | schema | revoke | revocations | tokens | keys`. Thin: the work is
+elsewhere."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import json
 import os
 import sys
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +21,7 @@ from gateway import configfile, logs, signing
 from gateway.config import Settings
 from gateway.revoke import RevokeRequest, describe
 from gateway.store import Kind, RedisStore, connect_redis
+from gateway.tokens import MintError, MintRequest, TokenQuery, TokenService, valid_jti
 
 DEFAULT_CONFIG = "/etc/gateway/gateway.yaml"
 
@@ -82,6 +86,8 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--subject")
     undo.add_argument("--issuer")
     undo.set_defaults(command=_revocations_delete)
+
+    _tokens_parser(commands)
 
     keys = commands.add_parser("keys", help="signing keys").add_subparsers(metavar="ACTION")
     generate = keys.add_parser("generate", help="write a new private signing key (mode 0600)")
@@ -167,15 +173,20 @@ def _keys_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _with_store(args: argparse.Namespace, work: Callable[[RedisStore], Awaitable[int]]) -> int:
+def _with_store(
+    args: argparse.Namespace,
+    work: Callable[[RedisStore], Awaitable[int]],
+    what: str = "revocations",
+    api: str = "POST /admin/revocations",
+) -> int:
     """Run `work` against the Redis store of the config file (the same one the running gateways use)."""
     settings = _load(args.config)
     if settings is None:
         return 1
     if not settings.store.redis_url:
         print(
-            f"{args.config}: store.redis_url is empty: revocations live inside the running gateway's memory; "
-            "use its admin API (POST /admin/revocations)",
+            f"{args.config}: store.redis_url is empty: {what} live inside the running gateway's memory; "
+            f"use its admin API ({api})",
             file=sys.stderr,
         )
         return 1
@@ -229,6 +240,137 @@ def _revocations_delete(args: argparse.Namespace) -> int:
         return 0 if removed else 1
 
     return _with_store(args, work)
+
+
+def _tokens_parser(commands: Any) -> None:
+    tokens = commands.add_parser("tokens", help="the gateway's own tokens: mint, list, show, revoke")
+    actions = tokens.add_subparsers(metavar="ACTION")
+    mint = actions.add_parser("mint", help="mint an access token or a refresh key (printed once, never stored)")
+    _config_arg(mint)
+    mint.add_argument("--subject", required=True)
+    mint.add_argument("--audience", action="append", default=[], help="repeatable; default: tokens.audiences")
+    mint.add_argument("--scope", action="append", default=[], help="repeatable, or space-separated")
+    mint.add_argument("--lifetime", help="365d, 90d, 12h...; default: tokens.default_lifetime")
+    mint.add_argument("--note")
+    mint.add_argument("--claim", action="append", default=[], metavar="NAME=VALUE", help="extra claim (JSON or text)")
+    mint.add_argument("--refresh", action="store_true", help="a refresh key for POST /oauth/token")
+    mint.add_argument("--rotate", action="store_true", help="refresh key: replaced at each exchange")
+    mint.set_defaults(command=_tokens_mint)
+    listing = actions.add_parser("list", help="list minted tokens, newest first (JSON lines)")
+    _config_arg(listing)
+    listing.add_argument("--subject")
+    listing.add_argument("--audience")
+    listing.add_argument("--status", choices=["active", "revoked", "expired", "retired"])
+    listing.add_argument("--kind", choices=["access", "refresh"])
+    listing.add_argument("--offset", type=int, default=0)
+    listing.add_argument("--limit", type=int, default=100)
+    listing.set_defaults(command=_tokens_list)
+    show = actions.add_parser("show", help="show one minted token's metadata")
+    _config_arg(show)
+    show.add_argument("jti")
+    show.set_defaults(command=_tokens_show)
+    revoke = actions.add_parser("revoke", help="revoke a minted token (a refresh key: with its family)")
+    _config_arg(revoke)
+    revoke.add_argument("jti")
+    revoke.add_argument("--reason", default="")
+    revoke.add_argument("--by", default=f"cli:{getpass.getuser()}")
+    revoke.set_defaults(command=_tokens_revoke)
+
+
+def _with_tokens(args: argparse.Namespace, work: Callable[[TokenService, Settings], Awaitable[int]]) -> int:
+    settings = _load(args.config)
+    if settings is None:
+        return 1
+
+    async def run(store: RedisStore) -> int:
+        return await work(TokenService(store), settings)
+
+    return _with_store(args, run, "minted tokens", "/admin/tokens")
+
+
+def _tokens_mint(args: argparse.Namespace) -> int:
+    fields: dict[str, Any] = {"subject": args.subject, "audience": args.audience, "kind": "access"}
+    fields["scopes"] = [s for scope in args.scope for s in scope.split()]
+    if args.refresh:
+        fields["kind"] = "refresh"
+        fields["rotate"] = args.rotate
+    elif args.rotate:
+        print("tokens mint: --rotate applies to refresh keys (--refresh)", file=sys.stderr)
+        return 2
+    for name, value in (("lifetime", args.lifetime), ("note", args.note)):
+        if value is not None:
+            fields[name] = value
+    claims: dict[str, Any] = {}
+    for item in args.claim:
+        name, sep, value = item.partition("=")
+        if not sep:
+            print(f"tokens mint: --claim {name}: expected NAME=VALUE", file=sys.stderr)
+            return 2
+        try:
+            claims[name] = json.loads(value)
+        except ValueError:
+            claims[name] = value
+    fields["claims"] = claims
+    try:
+        ask = MintRequest.model_validate(fields)
+    except ValidationError as exc:
+        print(f"tokens mint: {describe(exc)}", file=sys.stderr)
+        return 2
+
+    async def work(service: TokenService, settings: Settings) -> int:
+        if settings.tokens is None:
+            print(f"{args.config}: no tokens: section; the gateway mints no tokens", file=sys.stderr)
+            return 1
+        try:
+            issuer = service.issuer(settings.tokens, signing.Signer.from_files(settings.tokens.key_files))
+            minted = await service.mint(issuer, ask)
+        except MintError as exc:
+            print(f"tokens mint: {exc}", file=sys.stderr)
+            return 2
+        except (OSError, ValueError) as exc:
+            print(f"tokens mint: cannot load the signing key: {exc}", file=sys.stderr)
+            return 1
+        print(json.dumps({"token": minted.token, "metadata": minted.record.as_json(time.time())}))
+        return 0
+
+    return _with_tokens(args, work)
+
+
+def _tokens_list(args: argparse.Namespace) -> int:
+    query = TokenQuery(subject=args.subject, audience=args.audience, status=args.status, kind=args.kind)
+
+    async def work(service: TokenService, settings: Settings) -> int:
+        records, _ = await service.listing(query, max(0, args.offset), max(1, args.limit))
+        now = time.time()
+        for record in records:
+            print(json.dumps(record.as_json(now)))
+        return 0
+
+    return _with_tokens(args, work)
+
+
+def _tokens_show(args: argparse.Namespace) -> int:
+    async def work(service: TokenService, settings: Settings) -> int:
+        record = await service.show(args.jti) if valid_jti(args.jti) else None
+        if record is None:
+            print(f"no such token: {args.jti}", file=sys.stderr)
+            return 1
+        print(json.dumps(record.as_json(time.time())))
+        return 0
+
+    return _with_tokens(args, work)
+
+
+def _tokens_revoke(args: argparse.Namespace) -> int:
+    async def work(service: TokenService, settings: Settings) -> int:
+        record = await service.revoke(args.jti, args.by, args.reason) if valid_jti(args.jti) else None
+        if record is None:
+            print(f"no such token: {args.jti}", file=sys.stderr)
+            return 1
+        print(json.dumps({"revoked": record.as_json(time.time())}))
+        return 0
+
+    return _with_tokens(args, work)
 
 
 def _run_loop(main: Coroutine[Any, Any, Any]) -> int:

@@ -5,13 +5,31 @@
     {prefix}revocations   channel      one JSON notice per change, published in the same MULTI as the change
 
 Writes are idempotent (ZADD/HSET of the same value change nothing) and atomic with their notice.
+
+Tokens minted by the gateway (gateway/tokens.py) keep their metadata here, never the token (only its SHA-256):
+
+    {prefix}token:{jti}     hash        one minted token; EXPIREAT its exp + TOKEN_RETENTION (expired ones stay
+                                        listable, as "expired", for that long)
+    {prefix}tokens          sorted set  member = jti, score = created_at: the listing index, newest first
+    {prefix}tokens:purge    sorted set  member = jti, score = when its index entry goes (exp + TOKEN_RETENTION)
+    {prefix}family:{id}     sorted set  member = jti, score = exp: a refresh key family (the keys of one rotation
+                                        chain and the access tokens minted from them), to revoke them together
+
+Each field of `token:{jti}` has one writer, and every writer sets single fields (HSET/HSETNX inside a short Lua
+script that first checks the hash exists), never the whole hash: concurrent revokes and uses lose nothing, and no
+writer re-creates a purged hash.
+
+    mint        jti kind subject audiences scopes claims note created_at expires_at token_sha256 rotate family parent
+    revoke      revoked_at (first revoke wins) revoked_by revoke_reason
+    exchange    retired_at (first exchange of a rotating refresh key wins) replaced_by
+    last use    first_seen (minimum) last_used_at (maximum) last_client last_user_agent (with last_used_at)
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 from urllib.parse import unquote, urlsplit
@@ -64,6 +82,63 @@ class RevocationStore(Protocol):
     async def close(self) -> None: ...
 
 
+TOKEN_RETENTION = 30 * 86400.0
+"""How long the metadata of a minted token outlives the token (so expired tokens can still be listed)."""
+
+WriteOutcome = Literal["done", "already", "missing"]  # the field was set now / had been set before / no such token
+
+
+@dataclass(frozen=True, slots=True)
+class LastUse:
+    """One use of a minted token, as the last-use tracker hands it to the store."""
+
+    at: float  # unix seconds
+    client: str | None  # the client's address
+    user_agent: str | None
+
+
+class TokenStore(Protocol):
+    """Metadata of minted tokens (field names and their writers: the module docstring)."""
+
+    async def put_token(
+        self, jti: str, fields: Mapping[str, str], created_at: float, purge_at: float, family: str | None, exp: float
+    ) -> None: ...
+    async def get_token(self, jti: str) -> dict[str, str] | None: ...
+    def scan_tokens(self) -> AsyncGenerator[dict[str, str], None]: ...  # newest first
+    async def mark_revoked(self, jti: str, at: float, by: str, reason: str) -> WriteOutcome: ...
+    async def retire_token(self, jti: str, at: float, replaced_by: str) -> WriteOutcome: ...
+    async def record_uses(self, uses: Mapping[str, LastUse]) -> None: ...
+    async def add_to_family(self, family: str, jti: str, exp: float, until: float) -> None: ...
+    async def family_members(self, family: str, now: float) -> dict[str, float]: ...
+
+
+class Store(RevocationStore, TokenStore, Protocol):
+    """Everything the gateway keeps: revocations and the metadata of the tokens it minted."""
+
+
+# KEYS[1] = token hash. ARGV = at, client, user agent. first_seen only goes down, last_used_at only up, so two
+# instances flushing out of order never move them backwards; nothing is written for an unknown (or purged) token.
+_RECORD_USE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local at = tonumber(ARGV[1])
+local first = tonumber(redis.call('HGET', KEYS[1], 'first_seen'))
+if not first or at < first then redis.call('HSET', KEYS[1], 'first_seen', ARGV[1]) end
+local last = tonumber(redis.call('HGET', KEYS[1], 'last_used_at'))
+if last and last >= at then return 0 end
+redis.call('HSET', KEYS[1], 'last_used_at', ARGV[1], 'last_client', ARGV[2], 'last_user_agent', ARGV[3])
+return 1
+"""
+# KEYS[1] = token hash. ARGV = first field (set once), its value, then pairs set along with it the first time.
+# Returns 0: no such token, 1: set now, 2: had been set before (nothing changed).
+_SET_ONCE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 2 end
+if #ARGV > 2 then redis.call('HSET', KEYS[1], unpack(ARGV, 3)) end
+return 1
+"""
+_OUTCOMES: dict[int, WriteOutcome] = {0: "missing", 1: "done", 2: "already"}
+
+
 class RedisStore:
     def __init__(self, client: aioredis.Redis, prefix: str) -> None:
         self.client = client
@@ -71,6 +146,10 @@ class RedisStore:
         self.jti_key = f"{prefix}revoked:jti"
         self.sub_key = f"{prefix}revoked:sub"
         self.channel = f"{prefix}revocations"
+        self.tokens_key = f"{prefix}tokens"
+        self.purge_key = f"{prefix}tokens:purge"
+        self._record_use = client.register_script(_RECORD_USE)
+        self._set_once = client.register_script(_SET_ONCE)
 
     async def add(self, revocation: Revocation) -> None:
         async with self.client.pipeline(transaction=True) as pipe:
@@ -109,6 +188,79 @@ class RedisStore:
         ordered = sorted((str(m), float(v)) for m, v in subjects.items())[offset : offset + limit]
         return [parse_member("subject", m, v) for m, v in ordered]
 
+    def token_key(self, jti: str) -> str:
+        return f"{self.prefix}token:{jti}"
+
+    def family_key(self, family: str) -> str:
+        return f"{self.prefix}family:{family}"
+
+    async def put_token(
+        self, jti: str, fields: Mapping[str, str], created_at: float, purge_at: float, family: str | None, exp: float
+    ) -> None:
+        key = self.token_key(jti)
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.hset(key, mapping={name: value for name, value in fields.items()})
+            pipe.expireat(key, int(purge_at) + 1)
+            pipe.zadd(self.tokens_key, {jti: created_at})
+            pipe.zadd(self.purge_key, {jti: purge_at})
+            if family is not None:
+                pipe.zadd(self.family_key(family), {jti: exp})
+                pipe.expireat(self.family_key(family), int(purge_at) + 1)
+            await pipe.execute()
+
+    async def get_token(self, jti: str) -> dict[str, str] | None:
+        raw = await self.client.hgetall(self.token_key(jti))
+        return {str(k): str(v) for k, v in raw.items()} or None
+
+    async def scan_tokens(self) -> AsyncGenerator[dict[str, str], None]:
+        """Every token's fields, newest first; the index is pruned of purged tokens first.
+
+        The index is read whole (a jti per token: small) and the hashes fetched 100 at a time, so a caller that
+        stops early (one page) fetches only what it needs."""
+        stale = [str(m) for m in await self.client.zrangebyscore(self.purge_key, "-inf", time.time())]
+        if stale:
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.zrem(self.tokens_key, *stale)
+                pipe.zrem(self.purge_key, *stale)
+                await pipe.execute()
+        jtis = [str(m) for m in await self.client.zrevrange(self.tokens_key, 0, -1)]
+        for start in range(0, len(jtis), 100):
+            async with self.client.pipeline(transaction=False) as pipe:
+                for jti in jtis[start : start + 100]:
+                    pipe.hgetall(self.token_key(jti))
+                rows: list[dict[str, str]] = await pipe.execute()
+            for row in rows:
+                if row:
+                    yield row
+
+    async def mark_revoked(self, jti: str, at: float, by: str, reason: str) -> WriteOutcome:
+        args = ["revoked_at", repr(at), "revoked_by", by, "revoke_reason", reason]
+        return _OUTCOMES[int(await self._set_once(keys=[self.token_key(jti)], args=args))]
+
+    async def retire_token(self, jti: str, at: float, replaced_by: str) -> WriteOutcome:
+        args = ["retired_at", repr(at), "replaced_by", replaced_by]
+        return _OUTCOMES[int(await self._set_once(keys=[self.token_key(jti)], args=args))]
+
+    async def record_uses(self, uses: Mapping[str, LastUse]) -> None:
+        """One script call per token, all in one round trip."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            for jti, use in uses.items():
+                args = [repr(use.at), use.client or "", use.user_agent or ""]
+                await self._record_use(keys=[self.token_key(jti)], args=args, client=pipe)
+            await pipe.execute()
+
+    async def add_to_family(self, family: str, jti: str, exp: float, until: float) -> None:
+        key = self.family_key(family)
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.zadd(key, {jti: exp})
+            pipe.zremrangebyscore(key, "-inf", time.time())
+            pipe.expireat(key, int(until) + 1)
+            await pipe.execute()
+
+    async def family_members(self, family: str, now: float) -> dict[str, float]:
+        rows = await self.client.zrangebyscore(self.family_key(family), f"({now!r}", "+inf", withscores=True)
+        return {str(row[0]): float(row[1]) for row in rows}
+
     async def close(self) -> None:
         await self.client.aclose()
 
@@ -120,6 +272,9 @@ class MemoryStore:
         self.jtis: dict[str, float] = {}
         self.subjects: dict[str, float] = {}
         self.listener: Callable[[str], Awaitable[None] | None] | None = None
+        self.tokens: dict[str, dict[str, str]] = {}  # jti -> fields, as in the Redis hash
+        self.token_index: dict[str, tuple[float, float]] = {}  # jti -> (created_at, purge_at)
+        self.families: dict[str, dict[str, float]] = {}  # family -> {jti: exp}
 
     async def add(self, revocation: Revocation) -> None:
         table = self.jtis if revocation.kind == "jti" else self.subjects
@@ -145,8 +300,71 @@ class MemoryStore:
             rows = sorted(self.subjects.items())
         return [parse_member(kind, m, v) for m, v in rows[offset : offset + limit]]
 
+    async def put_token(
+        self, jti: str, fields: Mapping[str, str], created_at: float, purge_at: float, family: str | None, exp: float
+    ) -> None:
+        self.tokens[jti] = dict(fields)
+        self.token_index[jti] = (created_at, purge_at)
+        if family is not None:
+            self.families.setdefault(family, {})[jti] = exp
+
+    async def get_token(self, jti: str) -> dict[str, str] | None:
+        self._purge_tokens()
+        found = self.tokens.get(jti)
+        return dict(found) if found is not None else None
+
+    async def scan_tokens(self) -> AsyncGenerator[dict[str, str], None]:
+        self._purge_tokens()
+        for jti, _ in sorted(self.token_index.items(), key=lambda item: (-item[1][0], item[0])):
+            found = self.tokens.get(jti)
+            if found is not None:
+                yield dict(found)
+
+    async def mark_revoked(self, jti: str, at: float, by: str, reason: str) -> WriteOutcome:
+        return self._set_once(jti, {"revoked_at": repr(at), "revoked_by": by, "revoke_reason": reason})
+
+    async def retire_token(self, jti: str, at: float, replaced_by: str) -> WriteOutcome:
+        return self._set_once(jti, {"retired_at": repr(at), "replaced_by": replaced_by})
+
+    async def record_uses(self, uses: Mapping[str, LastUse]) -> None:
+        for jti, use in uses.items():
+            fields = self.tokens.get(jti)
+            if fields is None:
+                continue
+            if "first_seen" not in fields or use.at < float(fields["first_seen"]):
+                fields["first_seen"] = repr(use.at)
+            if "last_used_at" in fields and float(fields["last_used_at"]) >= use.at:
+                continue
+            fields.update(last_used_at=repr(use.at), last_client=use.client or "", last_user_agent=use.user_agent or "")
+
+    async def add_to_family(self, family: str, jti: str, exp: float, until: float) -> None:
+        members = self.families.setdefault(family, {})
+        members[jti] = exp
+        now = time.time()
+        for gone in [m for m, e in members.items() if e < now]:
+            del members[gone]
+
+    async def family_members(self, family: str, now: float) -> dict[str, float]:
+        return {m: e for m, e in self.families.get(family, {}).items() if e > now}
+
     async def close(self) -> None:
         return None
+
+    def _set_once(self, jti: str, fields: dict[str, str]) -> WriteOutcome:
+        found = self.tokens.get(jti)
+        if found is None:
+            return "missing"
+        first = next(iter(fields))
+        if first in found:
+            return "already"
+        found.update(fields)
+        return "done"
+
+    def _purge_tokens(self) -> None:
+        now = time.time()
+        for jti in [j for j, (_, purge_at) in self.token_index.items() if purge_at < now]:
+            del self.token_index[jti]
+            self.tokens.pop(jti, None)
 
     async def _notify(self, notice: str) -> None:
         if self.listener is not None:

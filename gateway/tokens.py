@@ -1,0 +1,778 @@
+"""The token service: long-lived tokens the gateway mints itself, and the refresh grant (RFC 6749 §6) for them.
+
+Minting signs a JWT with the first `tokens:` key (typ `at+jwt`, RFC 9068; or `rt+jwt` for a refresh key) and
+stores its metadata and SHA-256 — never the token, which is shown once. Operators list, show and revoke tokens
+(admin API, CLI); a revoke goes through the revocation set, so every instance refuses the token within the
+mirror's propagation bound.
+
+Refresh keys are not bearer tokens: the gateway's own issuer requires `typ: at+jwt` on routes, and a refresh key's
+`aud` is the issuer itself. `POST /oauth/token` (grant_type=refresh_token) exchanges one for a short-lived access
+token with the key's audiences and scopes, or a subset of the scopes (RFC 6749 §6). A key minted with
+`rotate: true` is replaced at each exchange; presenting a replaced key again is refresh token reuse (OAuth 2.0
+Security BCP, RFC 9700 §4.14.2): the whole family — every key of the chain and the access tokens minted from them —
+is revoked. Errors follow RFC 6749 §5.2.
+
+The public endpoints (JWKS, discovery, token) are served on the proxy listener before route matching, so resource
+servers can verify the gateway's tokens too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import re
+import time
+import urllib.parse
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+import jwt
+from aiohttp import web
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from redis.exceptions import RedisError
+
+from gateway import errors
+from gateway.config import GATEWAY_ISSUER_NAME, Duration, TokensSettings
+from gateway.identity import Identity
+from gateway.revocation import RevocationCheck
+from gateway.signing import Signer
+from gateway.store import TOKEN_RETENTION, Revocation, Store
+from gateway.usage import UsageTracker
+from gateway.verify.keys import KeySet
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["access", "refresh"]
+Status = Literal["active", "revoked", "expired", "retired"]
+STATUSES: tuple[Status, ...] = ("active", "revoked", "expired", "retired")
+ACCESS_TYP = "at+jwt"  # RFC 9068
+REFRESH_TYP = "rt+jwt"
+RESERVED_CLAIMS = frozenset(
+    {"iss", "sub", "aud", "exp", "nbf", "iat", "jti", "scope", "scp", "typ", "cty", "alg", "kid", "client_id",
+     "azp", "cnf", "act", "may_act", "auth_time", "acr", "amr", "sid", "nonce", "at_hash", "token_use"}
+)  # fmt: skip
+MAX_EXTRA_CLAIMS_BYTES = 4096
+MAX_FORM_BYTES = 16384
+MAX_REFRESH_KEY_BYTES = 8192
+REVOCATION_MARGIN = 300.0  # a revocation outlives the token's exp by this: verifiers allow leeway past exp
+LEEWAY = 30.0  # clock skew between instances, for the refresh key's exp and iat
+
+JWKS_PATH = "/.well-known/jwks.json"
+DISCOVERY_PATH = "/.well-known/openid-configuration"
+TOKEN_PATH = "/oauth/token"  # noqa: S105 - a path, not a secret
+PUBLIC_PATHS = frozenset({JWKS_PATH, DISCOVERY_PATH, TOKEN_PATH})
+
+_SCOPE_TOKEN = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+$")  # RFC 6749 §3.3
+_JTI = re.compile(r"^[A-Za-z0-9._~-]{1,128}$")
+_NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}  # RFC 6749 §5.1
+
+
+class MintError(ValueError):
+    """A mint request that the configuration refuses (e.g. a lifetime over tokens.max_lifetime)."""
+
+
+class OAuthError(Exception):
+    """An error response of the token endpoint (RFC 6749 §5.2): 400, `error` code and a fixed description."""
+
+    def __init__(self, error: str, description: str) -> None:
+        self.error = error
+        self.description = description
+        super().__init__(description)
+
+
+# --- What an operator asks for --------------------------------------------------------------------------------------
+
+
+def _scopes(value: Any) -> Any:
+    """A list of scope tokens, or one space-separated string of them."""
+    if isinstance(value, str):
+        return value.split()
+    return value
+
+
+def _audiences(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+Text = Annotated[str, Field(min_length=1, max_length=512, pattern=r"^[^\x00-\x1f\x7f]+$")]
+ScopeToken = Annotated[str, Field(max_length=256, pattern=_SCOPE_TOKEN.pattern)]
+
+
+class MintRequest(BaseModel):
+    """The body of POST /admin/tokens (and the options of `gateway tokens mint`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    subject: Text = Field(description="`sub` of the token: who or what it speaks for.")
+    audience: Annotated[tuple[Text, ...], BeforeValidator(_audiences), Field(max_length=16)] = Field(
+        (), description="`aud` (one or several); default tokens.audiences."
+    )
+    scopes: Annotated[tuple[ScopeToken, ...], BeforeValidator(_scopes), Field(max_length=64)] = Field(
+        (), description="Scopes granted (a list, or a space-separated string)."
+    )
+    lifetime: Duration | None = Field(None, description="365d, 90d, 12h…; default tokens.default_lifetime.")
+    note: Annotated[str, Field(max_length=1024, pattern=r"^[^\x00]*$")] | None = None
+    claims: dict[str, Any] = Field(default_factory=dict, description="Extra claims; registered ones are refused.")
+    kind: Kind = Field("access", description="access: a bearer token; refresh: a key for POST /oauth/token.")
+    rotate: bool = Field(False, description="refresh only: each exchange returns a new key and retires this one.")
+
+    @field_validator("claims")
+    @classmethod
+    def _free_claims(cls, claims: dict[str, Any]) -> dict[str, Any]:
+        reserved = sorted(name for name in claims if name in RESERVED_CLAIMS)
+        if reserved:
+            raise ValueError(f"{', '.join(reserved)} reserved: set by the gateway, not by extra claims")
+        if any(not name or len(name) > 64 for name in claims):
+            raise ValueError("claim names must have 1 to 64 characters")
+        if len(json.dumps(claims, separators=(",", ":"))) > MAX_EXTRA_CLAIMS_BYTES:
+            raise ValueError(f"extra claims may take {MAX_EXTRA_CLAIMS_BYTES} bytes of JSON at most")
+        return claims
+
+    @model_validator(mode="after")
+    def _rotate_refresh_only(self) -> MintRequest:
+        if self.rotate and self.kind != "refresh":
+            raise ValueError("rotate applies to refresh keys only (kind: refresh)")
+        return self
+
+
+# --- What the store keeps -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    """The metadata of one minted token (the Redis hash `token:{jti}`; field writers: gateway/store.py)."""
+
+    jti: str
+    kind: Kind
+    subject: str
+    audiences: tuple[str, ...]
+    scopes: tuple[str, ...]
+    claims: dict[str, Any]  # every claim the token carries
+    note: str | None
+    created_at: float
+    expires_at: float
+    token_sha256: str
+    rotate: bool = False
+    family: str | None = None  # refresh keys: the jti of the first key of the rotation chain
+    parent: str | None = None  # a rotated refresh key: the key it replaced
+    revoked_at: float | None = None
+    revoked_by: str | None = None
+    revoke_reason: str | None = None
+    retired_at: float | None = None
+    replaced_by: str | None = None
+    first_seen: float | None = None
+    last_used_at: float | None = None
+    last_client: str | None = None
+    last_user_agent: str | None = None
+
+    def fields(self) -> dict[str, str]:
+        """The fields written at mint (the others have writers of their own)."""
+        return {
+            "jti": self.jti,
+            "kind": self.kind,
+            "subject": self.subject,
+            "audiences": json.dumps(list(self.audiences)),
+            "scopes": json.dumps(list(self.scopes)),
+            "claims": json.dumps(self.claims, separators=(",", ":")),
+            "note": self.note or "",
+            "created_at": repr(self.created_at),
+            "expires_at": repr(self.expires_at),
+            "token_sha256": self.token_sha256,
+            "rotate": "1" if self.rotate else "0",
+            "family": self.family or "",
+            "parent": self.parent or "",
+        }
+
+    @classmethod
+    def from_fields(cls, raw: dict[str, str]) -> TokenRecord | None:
+        """Parse a stored hash; None for one that is not a whole token record."""
+        try:
+            kind = raw["kind"]
+            if kind not in ("access", "refresh"):
+                return None
+            return cls(
+                jti=raw["jti"],
+                kind="refresh" if kind == "refresh" else "access",
+                subject=raw["subject"],
+                audiences=tuple(json.loads(raw["audiences"])),
+                scopes=tuple(json.loads(raw["scopes"])),
+                claims=json.loads(raw["claims"]),
+                note=raw.get("note") or None,
+                created_at=float(raw["created_at"]),
+                expires_at=float(raw["expires_at"]),
+                token_sha256=raw["token_sha256"],
+                rotate=raw.get("rotate") == "1",
+                family=raw.get("family") or None,
+                parent=raw.get("parent") or None,
+                revoked_at=_float(raw.get("revoked_at")),
+                revoked_by=raw.get("revoked_by") or None,
+                revoke_reason=raw.get("revoke_reason") or None,
+                retired_at=_float(raw.get("retired_at")),
+                replaced_by=raw.get("replaced_by") or None,
+                first_seen=_float(raw.get("first_seen")),
+                last_used_at=_float(raw.get("last_used_at")),
+                last_client=raw.get("last_client") or None,
+                last_user_agent=raw.get("last_user_agent") or None,
+            )
+        except (KeyError, ValueError, TypeError):
+            return None
+
+    def status(self, now: float) -> Status:
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at <= now:
+            return "expired"
+        if self.retired_at is not None:
+            return "retired"
+        return "active"
+
+    def last_device(self) -> dict[str, str | None] | None:
+        if self.last_used_at is None:
+            return None
+        return {"client": self.last_client, "user_agent": self.last_user_agent}
+
+    def as_json(self, now: float) -> dict[str, Any]:
+        """Everything an operator sees about a token (never the token itself)."""
+        return {
+            "jti": self.jti,
+            "kind": self.kind,
+            "status": self.status(now),
+            "subject": self.subject,
+            "audience": list(self.audiences),
+            "scopes": list(self.scopes),
+            "claims": self.claims,
+            "note": self.note,
+            "created_at": round(self.created_at, 3),
+            "expires_at": self.expires_at,
+            "lifetime": self.expires_at - int(self.created_at),
+            "revoked_at": self.revoked_at,
+            "revoked_by": self.revoked_by,
+            "revoke_reason": self.revoke_reason,
+            "first_seen": self.first_seen,
+            "last_seen": self.last_used_at,
+            "last_used_at": self.last_used_at,
+            "last_device": self.last_device(),
+            "token_sha256": self.token_sha256,
+            "rotate": self.rotate,
+            "family": self.family,
+            "parent": self.parent,
+            "retired_at": self.retired_at,
+            "replaced_by": self.replaced_by,
+        }
+
+    def session_json(self) -> dict[str, Any]:
+        return {
+            "jti": self.jti,
+            "kind": self.kind,
+            "subject": self.subject,
+            "scopes": list(self.scopes),
+            "issued_at": int(self.created_at),
+            "expires_at": self.expires_at,
+            "first_seen": self.first_seen,
+            "last_seen": self.last_used_at,
+            "last_device": self.last_device(),
+            "note": self.note,
+        }
+
+
+def _float(value: str | None) -> float | None:
+    return float(value) if value else None
+
+
+@dataclass(frozen=True)
+class TokenQuery:
+    """Filters of a token listing; None matches anything."""
+
+    subject: str | None = None
+    audience: str | None = None
+    status: Status | None = None
+    kind: Kind | None = None
+
+    def matches(self, record: TokenRecord, now: float) -> bool:
+        return (
+            (self.subject is None or record.subject == self.subject)
+            and (self.audience is None or self.audience in record.audiences)
+            and (self.kind is None or record.kind == self.kind)
+            and (self.status is None or record.status(now) == self.status)
+        )
+
+
+def token_sha256(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def valid_jti(jti: str) -> bool:
+    return bool(_JTI.match(jti))
+
+
+def human(seconds: float) -> str:
+    """30 -> '30s', 86400 -> '1d', 5400 -> '90m'."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
+# --- The service ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Issuer:
+    """The configured issuer (tokens:) with its signer, and the key set that verifies refresh keys."""
+
+    settings: TokensSettings
+    signer: Signer
+    key_set: KeySet = field(compare=False)
+
+    @classmethod
+    def of(cls, settings: TokensSettings, signer: Signer) -> Issuer:
+        return cls(settings, signer, signer.key_set())
+
+    def discovery(self) -> dict[str, Any]:
+        base = self.settings.issuer.rstrip("/")
+        return {
+            "issuer": self.settings.issuer,
+            "jwks_uri": base + JWKS_PATH,
+            "token_endpoint": base + TOKEN_PATH,
+            "grant_types_supported": ["refresh_token"],
+            "token_endpoint_auth_methods_supported": ["none"],
+            "response_types_supported": [],
+            "id_token_signing_alg_values_supported": sorted({k.alg for k in self.signer.keys}),
+        }
+
+
+@dataclass
+class Minted:
+    token: str  # shown once, never stored
+    record: TokenRecord
+
+
+class TokenService:
+    """Mint, list, show and revoke the gateway's own tokens; exchange refresh keys (RFC 6749 §6)."""
+
+    def __init__(
+        self,
+        store: Store,
+        revocation: RevocationCheck | None = None,
+        usage: UsageTracker | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.revocation = revocation  # None in the CLI, which exchanges nothing
+        self.usage = usage
+        self._clock = clock
+        self._issuer: Issuer | None = None
+
+    def issuer(self, settings: TokensSettings, signer: Signer) -> Issuer:
+        """The Issuer of the current config (rebuilt only when a reload changed it)."""
+        cached = self._issuer
+        if cached is None or cached.signer is not signer or cached.settings != settings:
+            cached = self._issuer = Issuer.of(settings, signer)
+        return cached
+
+    async def mint(self, issuer: Issuer, ask: MintRequest, now: float | None = None) -> Minted:
+        now = self._clock() if now is None else now
+        settings = issuer.settings
+        lifetime = settings.default_lifetime if ask.lifetime is None else ask.lifetime
+        if lifetime <= 0:
+            raise MintError("lifetime: must be longer than 0s")
+        if lifetime > settings.max_lifetime:
+            raise MintError(
+                f"lifetime: {human(lifetime)} is longer than tokens.max_lifetime ({human(settings.max_lifetime)})"
+            )
+        jti = _new_jti()
+        minted = await self._mint(
+            issuer,
+            kind=ask.kind,
+            jti=jti,
+            subject=ask.subject,
+            audiences=ask.audience or settings.audiences,
+            scopes=tuple(dict.fromkeys(ask.scopes)),
+            extra=ask.claims,
+            note=ask.note,
+            now=now,
+            exp=int(now + lifetime),
+            rotate=ask.rotate,
+            family=jti if ask.kind == "refresh" else None,
+            parent=None,
+        )
+        log.info("token minted", extra={"jti": jti, "kind": ask.kind, "subject": ask.subject})
+        return minted
+
+    async def _mint(
+        self,
+        issuer: Issuer,
+        *,
+        kind: Kind,
+        jti: str,
+        subject: str,
+        audiences: tuple[str, ...],
+        scopes: tuple[str, ...],
+        extra: dict[str, Any],
+        note: str | None,
+        now: float,
+        exp: int,
+        rotate: bool,
+        family: str | None,
+        parent: str | None,
+    ) -> Minted:
+        claims: dict[str, Any] = {**extra, "iss": issuer.settings.issuer, "sub": subject, "iat": int(now), "exp": exp}
+        # A refresh key is addressed to the token endpoint (its issuer): a resource server checking `aud` refuses
+        # it even if it skips the `typ` check. The audiences it grants live in its metadata.
+        claims["aud"] = issuer.settings.issuer if kind == "refresh" else _aud(audiences)
+        claims["jti"] = jti
+        if scopes:
+            claims["scope"] = " ".join(scopes)
+        token = issuer.signer.sign(claims, typ=REFRESH_TYP if kind == "refresh" else ACCESS_TYP)
+        record = TokenRecord(
+            jti=jti,
+            kind=kind,
+            subject=subject,
+            audiences=audiences,
+            scopes=scopes,
+            claims=claims,
+            note=note,
+            created_at=now,
+            expires_at=float(exp),
+            token_sha256=token_sha256(token),
+            rotate=rotate,
+            family=family,
+            parent=parent,
+        )
+        await self.store.put_token(jti, record.fields(), now, exp + TOKEN_RETENTION, family, float(exp))
+        return Minted(token, record)
+
+    async def show(self, jti: str) -> TokenRecord | None:
+        raw = await self.store.get_token(jti)
+        return TokenRecord.from_fields(raw) if raw is not None else None
+
+    async def listing(
+        self, query: TokenQuery, offset: int, limit: int, now: float | None = None
+    ) -> tuple[list[TokenRecord], bool]:
+        """One page of matching tokens, newest first, and whether more follow.
+
+        Filters apply while scanning the index, so a page costs what precedes it; tokens are operator-made and
+        few (thousands), which keeps this cheap."""
+        now = self._clock() if now is None else now
+        found: list[TokenRecord] = []
+        skipped = 0
+        async with contextlib.aclosing(self.store.scan_tokens()) as rows:
+            async for raw in rows:
+                record = TokenRecord.from_fields(raw)
+                if record is None or not query.matches(record, now):
+                    continue
+                if skipped < offset:
+                    skipped += 1
+                    continue
+                found.append(record)
+                if len(found) > limit:
+                    break
+        return found[:limit], len(found) > limit
+
+    async def sessions(self, offset: int, limit: int, now: float | None = None) -> tuple[list[TokenRecord], bool]:
+        """Active minted tokens that have been used, most recently used first."""
+        now = self._clock() if now is None else now
+        seen: list[TokenRecord] = []
+        async with contextlib.aclosing(self.store.scan_tokens()) as rows:
+            async for raw in rows:
+                record = TokenRecord.from_fields(raw)
+                if record is not None and record.last_used_at is not None and record.status(now) == "active":
+                    seen.append(record)
+        seen.sort(key=lambda r: (r.last_used_at or 0.0, r.jti), reverse=True)
+        return seen[offset : offset + limit], len(seen) > offset + limit
+
+    async def revoke(self, jti: str, by: str, reason: str, now: float | None = None) -> TokenRecord | None:
+        """Revoke a minted token through the revocation set and record when, by whom and why.
+
+        A refresh key takes its whole family with it: every key of its rotation chain and the live access tokens
+        minted from them. Revoking again changes nothing (the first revoked_at stays). None: no such token."""
+        now = self._clock() if now is None else now
+        record = await self.show(jti)
+        if record is None:
+            return None
+        await self._revoke_one(jti, record.expires_at, by, reason, now)
+        if record.family is not None:
+            await self.revoke_family(record.family, by, reason, now)
+        log.info("token revoked", extra={"jti": jti, "kind": record.kind, "by": by, "reason": reason})
+        return await self.show(jti)
+
+    async def revoke_family(self, family: str, by: str, reason: str, now: float) -> int:
+        """Revoke every live member of a refresh key family.
+
+        The family's first key (its id) is marked first: an exchange in flight adds its new tokens to the family,
+        then checks that mark, so no token minted concurrently escapes (see `exchange`)."""
+        root = await self.show(family)
+        if root is not None:
+            await self._revoke_one(family, root.expires_at, by, reason, now)
+        members = await self.store.family_members(family, now - REVOCATION_MARGIN)
+        for member, exp in members.items():
+            await self._revoke_one(member, exp, by, reason, now)
+        return len(members)
+
+    async def _revoke_one(self, jti: str, exp: float, by: str, reason: str, now: float) -> None:
+        # The revocation set first: the token is refused as soon as possible; then the metadata (if it has any).
+        await self.store.add(Revocation("jti", jti, exp + REVOCATION_MARGIN, GATEWAY_ISSUER_NAME))
+        await self.store.mark_revoked(jti, now, by, reason)
+
+    # --- RFC 6749 §6: the refresh grant ---
+
+    async def exchange(
+        self, issuer: Issuer, form: dict[str, str], client: str | None, user_agent: str | None
+    ) -> dict[str, Any]:
+        """Exchange a refresh key for an access token (RFC 6749 §6); the answer body of §5.1, or OAuthError (§5.2).
+
+        May raise errors.DependencyUnavailable (revocation set not current) or a store error: the caller answers
+        503, since the key cannot be judged."""
+        now = self._clock()
+        grant = form.get("grant_type")
+        if not grant:
+            raise OAuthError("invalid_request", "grant_type is required")
+        if grant != "refresh_token":
+            raise OAuthError("unsupported_grant_type", "only grant_type=refresh_token is supported")
+        presented = form.get("refresh_token")
+        if not presented:
+            raise OAuthError("invalid_request", "refresh_token is required")
+        claims = self._verify_refresh_key(issuer, presented)
+        jti = claims["jti"]
+        self._check_revocation(claims)
+        record = await self.show(jti)
+        if record is None or record.kind != "refresh" or record.token_sha256 != token_sha256(presented):
+            raise OAuthError("invalid_grant", "the refresh key is not known to this gateway")
+        if record.revoked_at is not None:
+            raise OAuthError("invalid_grant", "the refresh key has been revoked")
+        scopes = _narrow(record.scopes, form.get("scope"))
+        if self.usage is not None:
+            self.usage.record(jti, client, user_agent)
+
+        new_key: Minted | None = None
+        if record.rotate:
+            new_jti = _new_jti()
+            outcome = await self.store.retire_token(jti, now, new_jti)
+            if outcome == "already":
+                await self._reuse_detected(record, client, now)
+                raise OAuthError("invalid_grant", "the refresh key has already been used")
+            if outcome == "missing":
+                raise OAuthError("invalid_grant", "the refresh key is not known to this gateway")
+            new_key = await self._mint(
+                issuer,
+                kind="refresh",
+                jti=new_jti,
+                subject=record.subject,
+                audiences=record.audiences,
+                scopes=record.scopes,  # RFC 6749 §6: the new refresh token keeps the scope of the one it replaces
+                extra=_extra(record.claims),
+                note=record.note,
+                now=now,
+                exp=int(record.expires_at),  # rotation never extends the family's life
+                rotate=True,
+                family=record.family,
+                parent=jti,
+            )
+
+        access = self._access_token(issuer, record, scopes, now)
+        if record.family is not None:
+            until = record.expires_at + TOKEN_RETENTION
+            await self.store.add_to_family(record.family, access.jti, access.exp, until)
+            root = await self.show(record.family)
+            if root is not None and root.revoked_at is not None:  # revoked while we were minting: ours go too
+                await self.revoke_family(record.family, root.revoked_by or "", root.revoke_reason or "", now)
+                raise OAuthError("invalid_grant", "the refresh key has been revoked")
+        log.info(
+            "refresh key exchanged",
+            extra={"event": "refresh_token_exchange", "jti": jti, "access_jti": access.jti, "subject": record.subject,
+                   "client": client, "rotated": new_key is not None},
+        )  # fmt: skip
+        body: dict[str, Any] = {
+            "access_token": access.token,
+            "token_type": "Bearer",
+            "expires_in": max(0, int(access.exp - now)),
+            "scope": " ".join(scopes),
+        }
+        if new_key is not None:
+            body["refresh_token"] = new_key.token
+        return body
+
+    def _verify_refresh_key(self, issuer: Issuer, token: str) -> dict[str, Any]:
+        """Signature (the signer's key set), iss, aud, typ rt+jwt, exp, iat — never the token in an error."""
+        if len(token) > MAX_REFRESH_KEY_BYTES:
+            raise OAuthError("invalid_grant", "the refresh key is malformed")
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise OAuthError("invalid_grant", "the refresh key is malformed") from None
+        typ = header.get("typ")
+        if not isinstance(typ, str) or typ.lower() not in (REFRESH_TYP, "application/" + REFRESH_TYP):
+            raise OAuthError("invalid_grant", "the token is not a refresh key")
+        alg, kid = header.get("alg"), header.get("kid")
+        if "crit" in header or not isinstance(alg, str) or (kid is not None and not isinstance(kid, str)):
+            raise OAuthError("invalid_grant", "the refresh key is malformed")
+        key = issuer.key_set.find(kid, alg)
+        if key is None or alg not in key.algorithms:
+            raise OAuthError("invalid_grant", "the refresh key was not signed by this gateway")
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                key.key,
+                algorithms=[alg],
+                audience=issuer.settings.issuer,
+                issuer=issuer.settings.issuer,
+                leeway=LEEWAY,
+                options={"require": ["exp", "iat", "jti", "sub"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise OAuthError("invalid_grant", "the refresh key has expired") from None
+        except jwt.PyJWTError:
+            raise OAuthError("invalid_grant", "the refresh key is invalid") from None
+        if not isinstance(claims.get("jti"), str) or not isinstance(claims.get("sub"), str):
+            raise OAuthError("invalid_grant", "the refresh key is invalid")
+        return claims
+
+    def _check_revocation(self, claims: dict[str, Any]) -> None:
+        """The revocation mirror, as for any long-lived token; a stale mirror fails closed (the caller: 503)."""
+        if self.revocation is None:
+            return
+        identity = Identity(
+            subject=claims["sub"],
+            scopes=frozenset(),
+            claims=claims,
+            issuer=GATEWAY_ISSUER_NAME,
+            source="jwt",
+            token_id=claims["jti"],
+            expires_at=float(claims["exp"]),
+            issued_at=float(claims["iat"]),
+            long_lived=True,
+        )
+        try:
+            self.revocation.check(identity, "always", fail_open=False)
+        except errors.Revoked:
+            raise OAuthError("invalid_grant", "the refresh key has been revoked") from None
+
+    def _access_token(self, issuer: Issuer, record: TokenRecord, scopes: tuple[str, ...], now: float) -> _Access:
+        exp = int(min(now + issuer.settings.access_token_lifetime, record.expires_at))
+        jti = _new_jti()
+        claims: dict[str, Any] = {
+            **_extra(record.claims),
+            "iss": issuer.settings.issuer,
+            "sub": record.subject,
+            "aud": _aud(record.audiences),
+            "iat": int(now),
+            "exp": exp,
+            "jti": jti,
+        }
+        if scopes:
+            claims["scope"] = " ".join(scopes)
+        return _Access(issuer.signer.sign(claims, typ=ACCESS_TYP), jti, float(exp))
+
+    async def _reuse_detected(self, record: TokenRecord, client: str | None, now: float) -> None:
+        # A security event: someone holds a key that was already exchanged (stolen, or a replayed request).
+        log.warning(
+            "refresh key reused: revoking its whole family",
+            extra={"event": "refresh_token_reuse", "jti": record.jti, "family": record.family,
+                   "subject": record.subject, "client": client},
+        )  # fmt: skip
+        if record.family is not None:
+            await self.revoke_family(record.family, GATEWAY_ISSUER_NAME, "refresh key reuse detected", now)
+
+
+@dataclass(frozen=True)
+class _Access:
+    token: str
+    jti: str
+    exp: float
+
+
+def _new_jti() -> str:
+    return str(uuid.uuid4())
+
+
+def _aud(audiences: tuple[str, ...]) -> str | list[str]:
+    return audiences[0] if len(audiences) == 1 else list(audiences)
+
+
+def _extra(claims: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in claims.items() if k not in RESERVED_CLAIMS}
+
+
+def _narrow(granted: tuple[str, ...], requested: str | None) -> tuple[str, ...]:
+    """RFC 6749 §6: the requested scope must not include any scope not originally granted; omitted means all."""
+    if requested is None:
+        return granted
+    asked = tuple(dict.fromkeys(requested.split(" ")))
+    if not asked or any(not _SCOPE_TOKEN.match(s) for s in asked):
+        raise OAuthError("invalid_scope", "scope must be space-separated scope tokens")
+    if not set(asked) <= set(granted):
+        raise OAuthError("invalid_scope", "the requested scope exceeds the scope granted to the refresh key")
+    return asked
+
+
+# --- The public endpoints (proxy listener; JWKS and discovery also on the admin listener) ---------------------------
+
+
+def jwks_response(issuer: Issuer) -> web.Response:
+    return web.json_response(issuer.signer.jwks(), headers={"Cache-Control": "public, max-age=300"})
+
+
+def discovery_response(issuer: Issuer) -> web.Response:
+    return web.json_response(issuer.discovery(), headers={"Cache-Control": "public, max-age=300"})
+
+
+async def serve_public(request: web.BaseRequest, service: TokenService, issuer: Issuer) -> web.Response:
+    """JWKS, discovery and the token endpoint, for a request whose path is in PUBLIC_PATHS."""
+    if request.path == TOKEN_PATH:
+        if request.method != "POST":
+            return _oauth_error(405, "invalid_request", "use POST", {"Allow": "POST"})
+        return await _token_endpoint(request, service, issuer)
+    if request.method not in ("GET", "HEAD"):
+        return web.json_response(
+            {"error": "invalid_request", "error_description": "use GET"}, status=405, headers={"Allow": "GET, HEAD"}
+        )
+    return jwks_response(issuer) if request.path == JWKS_PATH else discovery_response(issuer)
+
+
+async def _token_endpoint(request: web.BaseRequest, service: TokenService, issuer: Issuer) -> web.Response:
+    try:
+        form = await _read_form(request)
+        body = await service.exchange(issuer, form, request.remote, request.headers.get("User-Agent"))
+    except OAuthError as exc:
+        log.info("token request refused", extra={"error": exc.error, "client": request.remote})
+        return _oauth_error(400, exc.error, exc.description)
+    except errors.DependencyUnavailable as exc:
+        return _oauth_error(503, "temporarily_unavailable", exc.description, {"Retry-After": str(exc.retry_after)})
+    except (RedisError, OSError, TimeoutError) as exc:
+        log.error("token request failed: store unreachable", extra={"error": type(exc).__name__})
+        return _oauth_error(503, "temporarily_unavailable", "the token store is unavailable", {"Retry-After": "5"})
+    return web.json_response(body, headers=_NO_STORE)
+
+
+async def _read_form(request: web.BaseRequest) -> dict[str, str]:
+    """The form body (RFC 6749 §4.1.3 / §6): urlencoded, small, UTF-8, no parameter twice (§3.2)."""
+    if request.content_type != "application/x-www-form-urlencoded":
+        raise OAuthError("invalid_request", "the body must be application/x-www-form-urlencoded")
+    if request.content_length is not None and request.content_length > MAX_FORM_BYTES:
+        raise OAuthError("invalid_request", "the body is too large")
+    data = b""
+    while chunk := await request.content.read(MAX_FORM_BYTES):
+        data += chunk
+        if len(data) > MAX_FORM_BYTES:
+            raise OAuthError("invalid_request", "the body is too large")
+    try:
+        pairs = urllib.parse.parse_qsl(data.decode("utf-8"), keep_blank_values=True, max_num_fields=32)
+    except (UnicodeDecodeError, ValueError):
+        raise OAuthError("invalid_request", "the body is not a valid form") from None
+    form: dict[str, str] = {}
+    for name, value in pairs:
+        if name in form:
+            known = name if name in ("grant_type", "refresh_token", "scope", "client_id") else "a parameter"
+            raise OAuthError("invalid_request", f"{known} is repeated")
+        form[name] = value
+    return form
+
+
+def _oauth_error(status: int, error: str, description: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(
+        {"error": error, "error_description": description}, status=status, headers={**_NO_STORE, **(headers or {})}
+    )
