@@ -42,6 +42,8 @@ class Mirror:
         self._heartbeat = max(0.05, min(1.0, max_staleness / 4))
         self._confirmed: float | None = None  # monotonic time the mirror was last known current
         self._up = False  # store reachable (for logging transitions once, not every retry)
+        self.sessions = 0  # subscriptions opened: more than one means the connection was lost and re-made
+        self.heartbeats = 0  # PONGs received on the subscription connection
         self._always_current = isinstance(store, MemoryStore)
         self.synced = asyncio.Event()  # set after the first full sync (readiness)
         if isinstance(store, MemoryStore):
@@ -123,6 +125,7 @@ class Mirror:
         try:
             await pubsub.subscribe(store.channel)
             await self.full_sync()  # after subscribing, so nothing published in between is missed
+            self.sessions += 1
             if not self._up:
                 log.info("store reachable; revocation mirror synced", extra={"revoked": len(self.jtis)})
             self._set_up(True)
@@ -137,6 +140,7 @@ class Mirror:
                     self._confirmed = now
                 elif message is not None and message["type"] == "pong":
                     self._confirmed, awaiting_pong = ping_sent, False
+                    self.heartbeats += 1
                 if not awaiting_pong and now - ping_sent >= self._heartbeat:
                     await pubsub.ping()
                     ping_sent, awaiting_pong = now, True

@@ -378,7 +378,14 @@ def connect_redis(settings: StoreSettings) -> aioredis.Redis:
 
     Timeouts are short: a hung Redis must show up as a stale mirror, not as requests that hang.
     """
-    options: dict[str, Any] = {"decode_responses": True, "socket_timeout": 2.0, "socket_connect_timeout": 2.0}
+    # RESP2: under RESP3 (redis-py 8's default) redis-py mis-parses the PONG on a subscription connection, so the
+    # mirror's heartbeat never came back and it reconnected every few seconds.
+    options: dict[str, Any] = {
+        "decode_responses": True,
+        "socket_timeout": 2.0,
+        "socket_connect_timeout": 2.0,
+        "protocol": 2,
+    }
     url = settings.redis_url
     if url.startswith(("redis+sentinel://", "rediss+sentinel://")):
         parts = urlsplit(url)

@@ -416,3 +416,21 @@ async def test_cli_against_redis_with_no_gateway_running(
     memory.write_text(config(idp, upstream))
     refused = _cli("revoke", "--jti", "x", config_path=memory)
     assert refused.returncode == 1 and "use its admin API" in refused.stderr
+
+
+async def _heartbeats_at_least(gw: RunningGateway, count: int) -> bool:
+    assert gw.server.runtime is not None
+    return gw.server.runtime.mirror.heartbeats >= count
+
+
+async def test_idle_mirror_keeps_one_subscription_across_heartbeats(
+    idp: IdP, upstream: Upstream, tmp_path: Path, redis_url: str, key_prefix: str, http: aiohttp.ClientSession
+) -> None:
+    """An idle mirror is confirmed by PONGs on its subscription, without reconnecting (the RESP3 PONG bug)."""
+    async for gw in start_gateway(config(idp, upstream, redis_url, key_prefix, staleness="200ms"), tmp_path):
+        await until(_ready, http, gw)
+        await until(_heartbeats_at_least, gw, 10)  # heartbeat every 50 ms: ten of them
+        mirror = gw.server.runtime.mirror  # type: ignore[union-attr]
+        assert mirror.sessions == 1, "the subscription was dropped and re-made"
+        assert mirror.age() < 0.2
+        assert gw.metric("gateway_store_up") == 1
