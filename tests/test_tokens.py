@@ -675,12 +675,8 @@ async def test_ten_thousand_uses_cost_at_most_two_redis_writes(
     """Counted by Redis itself (INFO commandstats on a Redis of this test's own), not by the tracker."""
     observer = aioredis.Redis.from_url(private_redis.url)
     started = time.monotonic()
-    # max_staleness 60s: the burst saturates this one event loop, and the revocation mirror's heartbeat (not the
-    # subject here) must not turn requests into 503s while it does.
     try:
-        async for gw in running(
-            config(upstream, [key_file(tmp_path)], private_redis.url, "gw:", staleness="60s"), tmp_path
-        ):
+        async for gw in running(config(upstream, [key_file(tmp_path)], private_redis.url, "gw:"), tmp_path):
             token, meta = await mint(http, gw, scopes="tools:read")
             before = await _commandstats(observer)
             connector = aiohttp.TCPConnector(limit=32)
