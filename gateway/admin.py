@@ -16,6 +16,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
+from redis.exceptions import RedisError
 
 from gateway.app import Runtime, readiness
 from gateway.metrics import exposition
@@ -81,7 +82,16 @@ async def _require_admin_token(request: web.Request, handler: Handler) -> web.St
         response = problem(401, "unauthorized", "a valid admin token is required")
         response.headers["WWW-Authenticate"] = 'Bearer realm="gateway-admin"'
         return response
-    return await handler(request)
+    try:
+        return await handler(request)
+    except (RedisError, OSError) as exc:
+        # Nothing was changed if the store could not be reached: say so, and that retrying is right.
+        log.warning(
+            "admin request failed: store unreachable", extra={"path": request.path, "error": type(exc).__name__}
+        )
+        response = problem(503, "store_unavailable", "the store (Redis) is unreachable; nothing was changed")
+        response.headers["Retry-After"] = "5"
+        return response
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:

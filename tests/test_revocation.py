@@ -434,3 +434,15 @@ async def test_idle_mirror_keeps_one_subscription_across_heartbeats(
         assert mirror.sessions == 1, "the subscription was dropped and re-made"
         assert mirror.age() < 0.2
         assert gw.metric("gateway_store_up") == 1
+
+
+async def test_admin_api_answers_503_while_redis_is_down(
+    idp: IdP, upstream: Upstream, tmp_path: Path, private_redis: PrivateRedis, http: aiohttp.ClientSession
+) -> None:
+    async for gw in start_gateway(config(idp, upstream, private_redis.url, "gw:"), tmp_path):
+        await until(_ready, http, gw)
+        private_redis.stop()
+        code, body = await admin(http, gw, "POST", "/admin/revocations", json={"jti": "x"})
+        assert code == 503 and body["error"] == "store_unavailable"
+        code, body = await admin(http, gw, "GET", "/admin/revocations")
+        assert code == 503
