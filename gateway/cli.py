@@ -126,6 +126,12 @@ def _run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 1
+        if settings.listen.port == 0:
+            print(
+                f"{args.config}: --workers {workers} needs a fixed listen.port (0 would give each its own)",
+                file=sys.stderr,
+            )
+            return 1
         from gateway.workers import Supervisor
 
         return Supervisor(args.config, workers, settings.listen.drain_timeout).run()

@@ -681,7 +681,11 @@ class GatewayProcess:
 
 @contextlib.asynccontextmanager
 async def gateway_process(
-    config: str, tmp_path: Path, env: dict[str, str] | None = None, within: float = 20.0
+    config: str,
+    tmp_path: Path,
+    env: dict[str, str] | None = None,
+    within: float = 20.0,
+    args: tuple[str, ...] = (),
 ) -> AsyncIterator[GatewayProcess]:
     """Write `config` (listen/admin on free ports unless given), run `python -m gateway run --config FILE`, and wait
     for its "gateway listening" line and a 200 from admin /healthz, within `within` seconds. Killed on exit if still
@@ -694,7 +698,7 @@ async def gateway_process(
         config = "listen: {host: 127.0.0.1, port: 0}\nadmin: {host: 127.0.0.1, port: 0}\n" + config
     path.write_text(config)
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "run", "--config", str(path),
+        sys.executable, "-m", "gateway", "run", "--config", str(path), *args,
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
         cwd=REPO_ROOT, env={**os.environ, **(env or {})},
     )  # fmt: skip

@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from gateway.config import StoreSettings
 from gateway.store import RedisStore, Revocation, connect_redis
 from tests.redis_support import PrivateRedis, free_port
-from tests.support import AUDIENCE, ISSUER, IdP, Key, RunningGateway, Upstream, start_gateway
+from tests.support import AUDIENCE, ISSUER, IdP, Key, RunningGateway, Upstream, gateway_process, start_gateway
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
 HOUR = 3600
@@ -446,3 +446,39 @@ async def test_admin_api_answers_503_while_redis_is_down(
         assert code == 503 and body["error"] == "store_unavailable"
         code, body = await admin(http, gw, "GET", "/admin/revocations")
         assert code == 503
+
+
+async def test_two_gateway_processes_sharing_redis_both_refuse(
+    idp: IdP, upstream: Upstream, tmp_path: Path, redis_url: str, key_prefix: str, rsa_key: Key,
+    http: aiohttp.ClientSession,
+) -> None:  # fmt: skip
+    """Separate processes (own event loop, own mirror) on one Redis; the revocation is made by the CLI."""
+    token = long_lived(rsa_key, jti="processes-1")
+    text = config(idp, upstream, redis_url, key_prefix)
+    env = {"GW_TEST_ADMIN_TOKEN": ADMIN_TOKEN}
+    async with gateway_process(text, tmp_path, env=env, args=("--workers", "1")) as first:
+        async with gateway_process(text, tmp_path, env=env, args=("--workers", "1")) as second:
+            for gw in (first, second):
+                await until(_ready_url, http, gw.admin_url)
+                assert await _status_at(http, gw.url, token) == 200
+            path = tmp_path / "cli.yaml"
+            path.write_text(text)
+            done = _cli("revoke", "--jti", "processes-1", config_path=path)
+            assert done.returncode == 0, done.stderr
+            for gw in (first, second):
+                await until(_status_at_is, http, gw.url, token, 401)
+
+
+async def _ready_url(http: aiohttp.ClientSession, admin_url: str) -> bool:
+    async with http.get(f"{admin_url}/readyz") as resp:
+        return resp.status == 200
+
+
+async def _status_at(http: aiohttp.ClientSession, url: str, token: str) -> int:
+    async with http.get(f"{url}/closed", headers={"Authorization": f"Bearer {token}"}) as resp:
+        await resp.read()
+        return resp.status
+
+
+async def _status_at_is(http: aiohttp.ClientSession, url: str, token: str, code: int) -> bool:
+    return await _status_at(http, url, token) == code
