@@ -1,0 +1,1 @@
+"""Benchmark suite: Token Gateway against nginx, HAProxy jwt_verify and a plain aiohttp+pyjwt proxy."""

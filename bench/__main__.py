@@ -1,0 +1,156 @@
+"""`python -m bench` (or `make bench`): every target, interleaved over rounds, then the tables."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench import runner, wrk
+from bench.gateway_server import Compat
+from bench.report import Run, fixed_rate_table, main_table, ratio_matrix, summarize
+from bench.servers import TargetError, start_nginx
+from bench.system import DRIVER_CORE, can_pin, ensure_packages
+from bench.targets import BY_NAME, TARGETS, Bench, Target
+from bench.tokens import RESULTS, WARM_TOKENS, ensure_keys, token_file
+
+FIXED_RATE_TARGETS = "gateway-rs256-warm,plain-aiohttp-pyjwt"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--rounds", type=int, default=None, help="rounds over all targets (default 3; quick 1)")
+    parser.add_argument("--duration", type=float, default=None, help="seconds per run (default 10; quick 3)")
+    parser.add_argument("--warmup", type=float, default=None, help="seconds of load before each run (default 2)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 round of 3 s, fewer cold tokens")
+    parser.add_argument("--only", help="comma-separated target names (see --list)")
+    parser.add_argument("--list", action="store_true", help="print the target names and exit")
+    parser.add_argument("--connections", type=int, default=wrk.CONNECTIONS, help="wrk connections (64)")
+    parser.add_argument("--cold-tokens", type=int, default=None, help="distinct tokens per cold set (200,000)")
+    parser.add_argument(
+        "--fixed-rate", default=FIXED_RATE_TARGETS, help="targets to measure at half their max rate ('' for none)"
+    )
+    parser.add_argument("--soak", action="store_true", help="only a soak: steady load, RSS every minute")
+    parser.add_argument("--soak-seconds", type=float, default=300.0)
+    args = parser.parse_args()
+    args.rounds = args.rounds or (1 if args.quick else 3)
+    args.duration = args.duration or (3.0 if args.quick else 10.0)
+    args.warmup = args.warmup if args.warmup is not None else (1.0 if args.quick else 2.0)
+    args.cold_tokens = args.cold_tokens or (20_000 if args.quick else 200_000)
+    return args
+
+
+def select(only: str | None, soak: bool) -> list[Target]:
+    if not only:
+        return [BY_NAME["gateway-rs256-warm"]] if soak else list(TARGETS)
+    names = [name.strip() for name in only.split(",") if name.strip()]
+    unknown = [name for name in names if name not in BY_NAME]
+    if unknown:
+        raise SystemExit(f"bench: unknown target(s) {', '.join(unknown)}; known: {', '.join(BY_NAME)}")
+    return [target for target in TARGETS if target.name in names]
+
+
+def prepare_tokens(targets: list[Target], cold_tokens: int) -> dict[str, Path]:
+    keys = ensure_keys()
+    wanted = sorted({t.tokens for t in targets} | {t.warmup_tokens for t in targets})
+    files = {}
+    for name in wanted:
+        alg, kind = name.split("-")
+        files[name] = token_file(keys[alg.upper()], kind, WARM_TOKENS if kind == "warm" else cold_tokens)
+    return files
+
+
+def main() -> None:
+    args = parse_args()
+    if args.list:
+        print("\n".join(BY_NAME))
+        return
+    targets = select(args.only, args.soak)
+    # On SIGTERM (e.g. `timeout`), unwind like Ctrl-C so every server started here is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    ensure_packages()
+    if can_pin():
+        # The harness itself (RSS sampling, bookkeeping) stays off the server's core.
+        os.sched_setaffinity(0, {DRIVER_CORE})
+    else:
+        print("bench: WARNING: cores 0 and 1 are not both available; running unpinned", flush=True)
+    token_files = prepare_tokens(targets, args.cold_tokens)
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        workdir = Path(tmp)
+        upstream, upstream_port = start_nginx(workdir, DRIVER_CORE)
+        try:
+            scripts = {name: wrk.write_script(workdir, path) for name, path in token_files.items()}
+            bench = Bench(
+                workdir, ensure_keys(), token_files, scripts, upstream.pid, upstream_port, Compat(), args.connections
+            )
+            if args.soak:
+                runner.soak(targets[0], bench, args.soak_seconds, probe=5.0)
+                return
+            execute(args, targets, bench)
+        finally:
+            upstream.stop()
+
+
+def execute(args: argparse.Namespace, targets: list[Target], bench: Bench) -> None:
+    started = time.time()
+    runs, problems = runner.rounds(targets, bench, args.rounds, args.duration, args.warmup)
+    summaries = {t.name: summarize(runs[t.name]) for t in targets if t.name in runs}
+    fixed: dict[str, dict[str, float]] = {}
+    for name in [n for n in args.fixed_rate.split(",") if n in summaries]:
+        print(f"bench: fixed rate {name} at half of {summaries[name].rps:,.0f} req/s ...", flush=True)
+        try:
+            fixed[name] = runner.fixed_rate(BY_NAME[name], bench, summaries[name].rps, args.duration, args.warmup)
+        except (TargetError, RuntimeError, OSError, subprocess.SubprocessError) as exc:
+            problems[f"{name} (fixed rate)"] = f"FAILED: {exc}"
+
+    print()
+    print(
+        f"Token Gateway bench — {args.rounds} round(s) × {args.duration:g} s per target, wrk -t1 -c{args.connections}; "
+        f"server on core 0, wrk + upstream nginx on core 1; medians over rounds"
+    )
+    print(f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M')}")
+    print()
+    print(main_table(summaries, problems))
+    for note in bench.compat.notes:
+        print(note)
+    if len(summaries) > 1:
+        print()
+        print(ratio_matrix(summaries, "req/s, row ÷ column (>1: row serves more)", lambda s: s.rps))
+        print()
+        print(ratio_matrix(summaries, "CPU µs/request, row ÷ column (<1: row is cheaper)", lambda s: s.cpu_us))
+    if fixed:
+        print()
+        print("Latency at a fixed rate of half the target's max (open-loop, timed from when each request was due):")
+        print(fixed_rate_table(fixed))
+    save(args, runs, fixed, problems, started)
+
+
+def save(
+    args: argparse.Namespace,
+    runs: dict[str, list[Run]],
+    fixed: dict[str, dict[str, float]],
+    problems: dict[str, str],
+    started: float,
+) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / time.strftime("run-%Y%m%d-%H%M%S.json", time.localtime(started))
+    record = {
+        "args": {k: v for k, v in vars(args).items()},
+        "runs": {name: [dataclasses.asdict(run) for run in rs] for name, rs in runs.items()},
+        "fixed_rate": fixed,
+        "problems": problems,
+    }
+    path.write_text(json.dumps(record, indent=1))
+    print(f"\nraw figures: {path}")
+
+
+if __name__ == "__main__":
+    main()
