@@ -20,21 +20,20 @@ from redis.exceptions import RedisError
 
 from gateway.app import Runtime, readiness
 from gateway.metrics import exposition
+from gateway.oauth import discovery_response, jwks_response
 from gateway.revoke import RevokeRequest, describe
 from gateway.store import Kind
-from gateway.tokens import (
+from gateway.token_records import (
     DISCOVERY_PATH,
     JWKS_PATH,
     STATUSES,
-    Issuer,
     MintError,
     MintRequest,
     Status,
     TokenQuery,
-    discovery_response,
-    jwks_response,
     valid_jti,
 )
+from gateway.tokens import Issuer
 
 log = logging.getLogger(__name__)
 RUNTIME = web.AppKey("runtime", Runtime)

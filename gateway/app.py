@@ -30,11 +30,13 @@ from gateway.config import (
 )
 from gateway.identity import Identity
 from gateway.metrics import Metrics, RouteMetrics
+from gateway.oauth import serve_public
 from gateway.revocation import Mirror, RevocationCheck
 from gateway.routing import Matcher, RouteTable
 from gateway.signing import Signer
 from gateway.store import MemoryStore, RedisStore, RevocationStore, Store, connect_redis
-from gateway.tokens import ACCESS_TYP, PUBLIC_PATHS, TokenService, serve_public
+from gateway.token_records import ACCESS_TYP, PUBLIC_PATHS
+from gateway.tokens import TokenService
 from gateway.usage import UsageTracker
 from gateway.verify import Judge
 from gateway.verify.cache import TokenCache

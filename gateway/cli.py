@@ -21,7 +21,8 @@ from gateway import configfile, logs, signing
 from gateway.config import Settings
 from gateway.revoke import RevokeRequest, describe
 from gateway.store import Kind, RedisStore, connect_redis
-from gateway.tokens import MintError, MintRequest, TokenQuery, TokenService, valid_jti
+from gateway.token_records import MintError, MintRequest, TokenQuery, valid_jti
+from gateway.tokens import TokenService
 
 DEFAULT_CONFIG = "/etc/gateway/gateway.yaml"
 

@@ -22,7 +22,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from gateway import errors
+from gateway import errors, websocket
 from gateway import upstream as upstream_client
 from gateway.config import RouteSettings
 from gateway.identity import Identity
@@ -38,8 +38,6 @@ _NO_BODY_STATUSES = frozenset({204, 304})
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # all but HTAB (RFC 9110 §5.5)
 # aiohttp would otherwise add its own Accept/User-Agent/... when the client sent none: the upstream sees the client's.
 _SKIP_AUTO = frozenset({"Accept", "Accept-Encoding", "User-Agent", "Content-Type"})
-_WS_HANDSHAKE = frozenset({"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions"})
-_WS_CLOSE_TIMEOUT = 10.0  # once one side closed, how long the other may take to finish its close
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,16 +151,6 @@ def _without_cookie(header: str, name: str) -> str:
     return "; ".join(pair for pair in pairs if pair and pair.partition("=")[0].strip() != name)
 
 
-def is_websocket(request: web.BaseRequest) -> bool:
-    """A WebSocket opening handshake: `Upgrade: websocket` that `Connection` names (RFC 6455 §4.1).
-
-    `Upgrade` alone is not one (RFC 9110 §7.8: it only counts when listed in Connection); such a request is
-    forwarded as a plain one, with Upgrade removed like every hop-by-hop header.
-    """
-    connection = {t.strip().lower() for v in request.headers.getall("Connection", ()) for t in v.split(",")}
-    return "upgrade" in connection and request.headers.get("Upgrade", "").strip().lower() == "websocket"
-
-
 @dataclass(frozen=True, slots=True)
 class Clients:
     """The HTTP clients forwarding uses; they outlive config reloads."""
@@ -193,8 +181,8 @@ async def forward(
     `observe` gets the seconds the upstream took to answer with headers.
     """
     headers = upstream.headers(request, identity)
-    if is_websocket(request):
-        return await _forward_websocket(request, clients.session, upstream, upstream.target(request), headers)
+    if websocket.is_websocket(request):
+        return await websocket.relay(request, clients.session, upstream.timeout, upstream.target(request), headers)
     has_body = request.body_exists
     if has_body and request.version >= (1, 1) and request.headers.get("Expect", "").lower() == "100-continue":
         # The client holds its body back until told to send it (RFC 9110 §10.1.1); nothing else would tell it
@@ -336,91 +324,3 @@ async def _read(request: web.BaseRequest, answer: _Answer) -> bytes:
     except upstream_client.UpstreamFailed as exc:  # nothing sent yet: a clean 502
         log.warning("upstream broke off its answer", extra={"error": str(exc)})
         raise errors.UpstreamUnavailable("the upstream broke off its answer") from None
-
-
-async def _forward_websocket(
-    request: web.BaseRequest,
-    session: aiohttp.ClientSession,
-    upstream: Upstream,
-    url: URL,
-    headers: CIMultiDict[str],
-) -> web.StreamResponse:
-    protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
-    if not web.WebSocketResponse(protocols=protocols).can_prepare(request).ok:
-        # Checked before connecting upstream: a handshake we cannot complete towards the client (bad key, version,
-        # method) used to open an upstream WebSocket, leak it, and answer 500.
-        raise errors.InvalidRequest("not a valid WebSocket handshake")
-    for name in list(headers):
-        if name.lower() in _WS_HANDSHAKE or name.lower() == "sec-websocket-protocol":
-            headers.popall(name, None)
-    try:
-        async with asyncio.timeout(upstream.timeout):
-            upstream_ws = await session.ws_connect(
-                url, headers=headers, protocols=protocols, autoping=False, autoclose=False
-            )
-    except aiohttp.ClientError:  # before TimeoutError, as in forward()
-        raise errors.UpstreamUnavailable() from None
-    except TimeoutError:
-        raise errors.UpstreamTimeout() from None
-    async with upstream_ws:
-        # autoclose off on both sides: a pump answers a close only after relaying it, so the far side hears the
-        # real close code before this side may hang up (which cancels this handler).
-        client_ws = web.WebSocketResponse(
-            protocols=[upstream_ws.protocol] if upstream_ws.protocol else (), autoping=False, autoclose=False
-        )
-        await client_ws.prepare(request)
-        pumps = [
-            asyncio.create_task(_pump(client_ws, upstream_ws, towards_client=False)),
-            asyncio.create_task(_pump(upstream_ws, client_ws, towards_client=True)),
-        ]
-        try:
-            _, pending = await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
-            # Closing one side ends the other pump too; let it finish its close rather than cut it off.
-            await asyncio.wait(pending, timeout=_WS_CLOSE_TIMEOUT)
-        finally:
-            for task in pumps:
-                task.cancel()
-            await asyncio.gather(*pumps, return_exceptions=True)
-            if not upstream_ws.closed:  # the client went away (this handler was cancelled): tell the upstream so
-                await upstream_ws.close(code=aiohttp.WSCloseCode.GOING_AWAY)
-    await client_ws.close()
-    return client_ws
-
-
-def _relayable_close_code(code: int | None, towards_client: bool) -> int:
-    """The close code to pass on. 1005/1006/1015 report a missing code or a dropped connection and must never be
-    sent in a close frame (RFC 6455 §7.4.1): the client then hears 1014 (bad gateway), the upstream 1001 (going
-    away)."""
-    if not code or code == 1005:  # none given (an empty close frame reads as 0)
-        return aiohttp.WSCloseCode.OK
-    if code in (aiohttp.WSCloseCode.ABNORMAL_CLOSURE, 1015):
-        return aiohttp.WSCloseCode.BAD_GATEWAY if towards_client else aiohttp.WSCloseCode.GOING_AWAY
-    return code
-
-
-async def _pump(
-    source: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
-    sink: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
-    towards_client: bool,
-) -> None:
-    """Relay messages from source to sink until source closes; then close sink with source's code, and only then
-    answer source's close."""
-    while True:
-        message = await source.receive()
-        if message.type == aiohttp.WSMsgType.TEXT:
-            await sink.send_str(message.data)
-        elif message.type == aiohttp.WSMsgType.BINARY:
-            await sink.send_bytes(message.data)
-        elif message.type == aiohttp.WSMsgType.PING:
-            await sink.ping(message.data)
-        elif message.type == aiohttp.WSMsgType.PONG:
-            await sink.pong(message.data)
-        elif message.type == aiohttp.WSMsgType.CLOSE:
-            code = _relayable_close_code(message.data, towards_client)
-            await sink.close(code=code, message=(message.extra or "").encode())  # a reason fits in 123 bytes
-            await source.close(code=code)
-            return
-        else:  # CLOSING (the other pump is closing source), CLOSED or ERROR (the connection broke)
-            broken = message.type != aiohttp.WSMsgType.CLOSING
-            await sink.close(code=_relayable_close_code(1006 if broken else None, towards_client))
-            return

@@ -12,310 +12,51 @@ token with the key's audiences and scopes, or a subset of the scopes (RFC 6749 �
 Security BCP, RFC 9700 §4.14.2): the whole family — every key of the chain and the access tokens minted from them —
 is revoked. Errors follow RFC 6749 §5.2.
 
-The public endpoints (JWKS, discovery, token) are served on the proxy listener before route matching, so resource
-servers can verify the gateway's tokens too.
+Data types (what is asked, what is stored) are in `token_records.py`; the public HTTP endpoints (JWKS, discovery,
+token), served on the proxy listener before route matching, in `oauth.py`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
-import re
 import time
-import urllib.parse
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import jwt
-from aiohttp import web
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
-from redis.exceptions import RedisError
 
 from gateway import errors
-from gateway.config import GATEWAY_ISSUER_NAME, Duration, TokensSettings
+from gateway.config import GATEWAY_ISSUER_NAME, TokensSettings
 from gateway.identity import Identity
 from gateway.revocation import RevocationCheck
 from gateway.signing import Signer
 from gateway.store import TOKEN_RETENTION, Revocation, Store
+from gateway.token_records import (
+    ACCESS_TYP,
+    JWKS_PATH,
+    LEEWAY,
+    MAX_REFRESH_KEY_BYTES,
+    REFRESH_TYP,
+    RESERVED_CLAIMS,
+    REVOCATION_MARGIN,
+    SCOPE_TOKEN,
+    TOKEN_PATH,
+    Kind,
+    MintError,
+    MintRequest,
+    OAuthError,
+    TokenQuery,
+    TokenRecord,
+    human,
+    token_sha256,
+)
 from gateway.usage import UsageTracker
 from gateway.verify.keys import KeySet
 
 log = logging.getLogger(__name__)
-
-Kind = Literal["access", "refresh"]
-Status = Literal["active", "revoked", "expired", "retired"]
-STATUSES: tuple[Status, ...] = ("active", "revoked", "expired", "retired")
-ACCESS_TYP = "at+jwt"  # RFC 9068
-REFRESH_TYP = "rt+jwt"
-RESERVED_CLAIMS = frozenset(
-    {"iss", "sub", "aud", "exp", "nbf", "iat", "jti", "scope", "scp", "typ", "cty", "alg", "kid", "client_id",
-     "azp", "cnf", "act", "may_act", "auth_time", "acr", "amr", "sid", "nonce", "at_hash", "token_use"}
-)  # fmt: skip
-MAX_EXTRA_CLAIMS_BYTES = 4096
-MAX_FORM_BYTES = 16384
-MAX_REFRESH_KEY_BYTES = 8192
-REVOCATION_MARGIN = 300.0  # a revocation outlives the token's exp by this: verifiers allow leeway past exp
-LEEWAY = 30.0  # clock skew between instances, for the refresh key's exp and iat
-
-JWKS_PATH = "/.well-known/jwks.json"
-DISCOVERY_PATH = "/.well-known/openid-configuration"
-TOKEN_PATH = "/oauth/token"  # noqa: S105 - a path, not a secret
-PUBLIC_PATHS = frozenset({JWKS_PATH, DISCOVERY_PATH, TOKEN_PATH})
-
-_SCOPE_TOKEN = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+$")  # RFC 6749 §3.3
-_JTI = re.compile(r"^[A-Za-z0-9._~-]{1,128}$")
-_NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}  # RFC 6749 §5.1
-
-
-class MintError(ValueError):
-    """A mint request that the configuration refuses (e.g. a lifetime over tokens.max_lifetime)."""
-
-
-class OAuthError(Exception):
-    """An error response of the token endpoint (RFC 6749 §5.2): 400, `error` code and a fixed description."""
-
-    def __init__(self, error: str, description: str) -> None:
-        self.error = error
-        self.description = description
-        super().__init__(description)
-
-
-# --- What an operator asks for --------------------------------------------------------------------------------------
-
-
-def _scopes(value: Any) -> Any:
-    """A list of scope tokens, or one space-separated string of them."""
-    if isinstance(value, str):
-        return value.split()
-    return value
-
-
-def _audiences(value: Any) -> Any:
-    return [value] if isinstance(value, str) else value
-
-
-Text = Annotated[str, Field(min_length=1, max_length=512, pattern=r"^[^\x00-\x1f\x7f]+$")]
-ScopeToken = Annotated[str, Field(max_length=256, pattern=_SCOPE_TOKEN.pattern)]
-
-
-class MintRequest(BaseModel):
-    """The body of POST /admin/tokens (and the options of `gateway tokens mint`)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    subject: Text = Field(description="`sub` of the token: who or what it speaks for.")
-    audience: Annotated[tuple[Text, ...], BeforeValidator(_audiences), Field(max_length=16)] = Field(
-        (), description="`aud` (one or several); default tokens.audiences."
-    )
-    scopes: Annotated[tuple[ScopeToken, ...], BeforeValidator(_scopes), Field(max_length=64)] = Field(
-        (), description="Scopes granted (a list, or a space-separated string)."
-    )
-    lifetime: Duration | None = Field(None, description="365d, 90d, 12h…; default tokens.default_lifetime.")
-    note: Annotated[str, Field(max_length=1024, pattern=r"^[^\x00]*$")] | None = None
-    claims: dict[str, Any] = Field(default_factory=dict, description="Extra claims; registered ones are refused.")
-    kind: Kind = Field("access", description="access: a bearer token; refresh: a key for POST /oauth/token.")
-    rotate: bool = Field(False, description="refresh only: each exchange returns a new key and retires this one.")
-
-    @field_validator("claims")
-    @classmethod
-    def _free_claims(cls, claims: dict[str, Any]) -> dict[str, Any]:
-        reserved = sorted(name for name in claims if name in RESERVED_CLAIMS)
-        if reserved:
-            raise ValueError(f"{', '.join(reserved)} reserved: set by the gateway, not by extra claims")
-        if any(not name or len(name) > 64 for name in claims):
-            raise ValueError("claim names must have 1 to 64 characters")
-        if len(json.dumps(claims, separators=(",", ":"))) > MAX_EXTRA_CLAIMS_BYTES:
-            raise ValueError(f"extra claims may take {MAX_EXTRA_CLAIMS_BYTES} bytes of JSON at most")
-        return claims
-
-    @model_validator(mode="after")
-    def _rotate_refresh_only(self) -> MintRequest:
-        if self.rotate and self.kind != "refresh":
-            raise ValueError("rotate applies to refresh keys only (kind: refresh)")
-        return self
-
-
-# --- What the store keeps -------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TokenRecord:
-    """The metadata of one minted token (the Redis hash `token:{jti}`; field writers: gateway/store.py)."""
-
-    jti: str
-    kind: Kind
-    subject: str
-    audiences: tuple[str, ...]
-    scopes: tuple[str, ...]
-    claims: dict[str, Any]  # every claim the token carries
-    note: str | None
-    created_at: float
-    expires_at: float
-    token_sha256: str
-    rotate: bool = False
-    family: str | None = None  # refresh keys: the jti of the first key of the rotation chain
-    parent: str | None = None  # a rotated refresh key: the key it replaced
-    revoked_at: float | None = None
-    revoked_by: str | None = None
-    revoke_reason: str | None = None
-    retired_at: float | None = None
-    replaced_by: str | None = None
-    first_seen: float | None = None
-    last_used_at: float | None = None
-    last_client: str | None = None
-    last_user_agent: str | None = None
-
-    def fields(self) -> dict[str, str]:
-        """The fields written at mint (the others have writers of their own)."""
-        return {
-            "jti": self.jti,
-            "kind": self.kind,
-            "subject": self.subject,
-            "audiences": json.dumps(list(self.audiences)),
-            "scopes": json.dumps(list(self.scopes)),
-            "claims": json.dumps(self.claims, separators=(",", ":")),
-            "note": self.note or "",
-            "created_at": repr(self.created_at),
-            "expires_at": repr(self.expires_at),
-            "token_sha256": self.token_sha256,
-            "rotate": "1" if self.rotate else "0",
-            "family": self.family or "",
-            "parent": self.parent or "",
-        }
-
-    @classmethod
-    def from_fields(cls, raw: dict[str, str]) -> TokenRecord | None:
-        """Parse a stored hash; None for one that is not a whole token record."""
-        try:
-            kind = raw["kind"]
-            if kind not in ("access", "refresh"):
-                return None
-            return cls(
-                jti=raw["jti"],
-                kind="refresh" if kind == "refresh" else "access",
-                subject=raw["subject"],
-                audiences=tuple(json.loads(raw["audiences"])),
-                scopes=tuple(json.loads(raw["scopes"])),
-                claims=json.loads(raw["claims"]),
-                note=raw.get("note") or None,
-                created_at=float(raw["created_at"]),
-                expires_at=float(raw["expires_at"]),
-                token_sha256=raw["token_sha256"],
-                rotate=raw.get("rotate") == "1",
-                family=raw.get("family") or None,
-                parent=raw.get("parent") or None,
-                revoked_at=_float(raw.get("revoked_at")),
-                revoked_by=raw.get("revoked_by") or None,
-                revoke_reason=raw.get("revoke_reason") or None,
-                retired_at=_float(raw.get("retired_at")),
-                replaced_by=raw.get("replaced_by") or None,
-                first_seen=_float(raw.get("first_seen")),
-                last_used_at=_float(raw.get("last_used_at")),
-                last_client=raw.get("last_client") or None,
-                last_user_agent=raw.get("last_user_agent") or None,
-            )
-        except (KeyError, ValueError, TypeError):
-            return None
-
-    def status(self, now: float) -> Status:
-        if self.revoked_at is not None:
-            return "revoked"
-        if self.expires_at <= now:
-            return "expired"
-        if self.retired_at is not None:
-            return "retired"
-        return "active"
-
-    def last_device(self) -> dict[str, str | None] | None:
-        if self.last_used_at is None:
-            return None
-        return {"client": self.last_client, "user_agent": self.last_user_agent}
-
-    def as_json(self, now: float) -> dict[str, Any]:
-        """Everything an operator sees about a token (never the token itself)."""
-        return {
-            "jti": self.jti,
-            "kind": self.kind,
-            "status": self.status(now),
-            "subject": self.subject,
-            "audience": list(self.audiences),
-            "scopes": list(self.scopes),
-            "claims": self.claims,
-            "note": self.note,
-            "created_at": round(self.created_at, 3),
-            "expires_at": self.expires_at,
-            "lifetime": self.expires_at - int(self.created_at),
-            "revoked_at": self.revoked_at,
-            "revoked_by": self.revoked_by,
-            "revoke_reason": self.revoke_reason,
-            "first_seen": self.first_seen,
-            "last_seen": self.last_used_at,
-            "last_used_at": self.last_used_at,
-            "last_device": self.last_device(),
-            "token_sha256": self.token_sha256,
-            "rotate": self.rotate,
-            "family": self.family,
-            "parent": self.parent,
-            "retired_at": self.retired_at,
-            "replaced_by": self.replaced_by,
-        }
-
-    def session_json(self) -> dict[str, Any]:
-        return {
-            "jti": self.jti,
-            "kind": self.kind,
-            "subject": self.subject,
-            "scopes": list(self.scopes),
-            "issued_at": int(self.created_at),
-            "expires_at": self.expires_at,
-            "first_seen": self.first_seen,
-            "last_seen": self.last_used_at,
-            "last_device": self.last_device(),
-            "note": self.note,
-        }
-
-
-def _float(value: str | None) -> float | None:
-    return float(value) if value else None
-
-
-@dataclass(frozen=True)
-class TokenQuery:
-    """Filters of a token listing; None matches anything."""
-
-    subject: str | None = None
-    audience: str | None = None
-    status: Status | None = None
-    kind: Kind | None = None
-
-    def matches(self, record: TokenRecord, now: float) -> bool:
-        return (
-            (self.subject is None or record.subject == self.subject)
-            and (self.audience is None or self.audience in record.audiences)
-            and (self.kind is None or record.kind == self.kind)
-            and (self.status is None or record.status(now) == self.status)
-        )
-
-
-def token_sha256(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-def valid_jti(jti: str) -> bool:
-    return bool(_JTI.match(jti))
-
-
-def human(seconds: float) -> str:
-    """30 -> '30s', 86400 -> '1d', 5400 -> '90m'."""
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size and seconds % size == 0:
-            return f"{int(seconds // size)}{unit}"
-    return f"{seconds:g}s"
-
 
 # --- The service ----------------------------------------------------------------------------------------------------
 
@@ -702,77 +443,8 @@ def _narrow(granted: tuple[str, ...], requested: str | None) -> tuple[str, ...]:
     if requested is None:
         return granted
     asked = tuple(dict.fromkeys(requested.split(" ")))
-    if not asked or any(not _SCOPE_TOKEN.match(s) for s in asked):
+    if not asked or any(not SCOPE_TOKEN.match(s) for s in asked):
         raise OAuthError("invalid_scope", "scope must be space-separated scope tokens")
     if not set(asked) <= set(granted):
         raise OAuthError("invalid_scope", "the requested scope exceeds the scope granted to the refresh key")
     return asked
-
-
-# --- The public endpoints (proxy listener; JWKS and discovery also on the admin listener) ---------------------------
-
-
-def jwks_response(issuer: Issuer) -> web.Response:
-    return web.json_response(issuer.signer.jwks(), headers={"Cache-Control": "public, max-age=300"})
-
-
-def discovery_response(issuer: Issuer) -> web.Response:
-    return web.json_response(issuer.discovery(), headers={"Cache-Control": "public, max-age=300"})
-
-
-async def serve_public(request: web.BaseRequest, service: TokenService, issuer: Issuer) -> web.Response:
-    """JWKS, discovery and the token endpoint, for a request whose path is in PUBLIC_PATHS."""
-    if request.path == TOKEN_PATH:
-        if request.method != "POST":
-            return _oauth_error(405, "invalid_request", "use POST", {"Allow": "POST"})
-        return await _token_endpoint(request, service, issuer)
-    if request.method not in ("GET", "HEAD"):
-        return web.json_response(
-            {"error": "invalid_request", "error_description": "use GET"}, status=405, headers={"Allow": "GET, HEAD"}
-        )
-    return jwks_response(issuer) if request.path == JWKS_PATH else discovery_response(issuer)
-
-
-async def _token_endpoint(request: web.BaseRequest, service: TokenService, issuer: Issuer) -> web.Response:
-    try:
-        form = await _read_form(request)
-        body = await service.exchange(issuer, form, request.remote, request.headers.get("User-Agent"))
-    except OAuthError as exc:
-        log.info("token request refused", extra={"error": exc.error, "client": request.remote})
-        return _oauth_error(400, exc.error, exc.description)
-    except errors.DependencyUnavailable as exc:
-        return _oauth_error(503, "temporarily_unavailable", exc.description, {"Retry-After": str(exc.retry_after)})
-    except (RedisError, OSError, TimeoutError) as exc:
-        log.error("token request failed: store unreachable", extra={"error": type(exc).__name__})
-        return _oauth_error(503, "temporarily_unavailable", "the token store is unavailable", {"Retry-After": "5"})
-    return web.json_response(body, headers=_NO_STORE)
-
-
-async def _read_form(request: web.BaseRequest) -> dict[str, str]:
-    """The form body (RFC 6749 §4.1.3 / §6): urlencoded, small, UTF-8, no parameter twice (§3.2)."""
-    if request.content_type != "application/x-www-form-urlencoded":
-        raise OAuthError("invalid_request", "the body must be application/x-www-form-urlencoded")
-    if request.content_length is not None and request.content_length > MAX_FORM_BYTES:
-        raise OAuthError("invalid_request", "the body is too large")
-    data = b""
-    while chunk := await request.content.read(MAX_FORM_BYTES):
-        data += chunk
-        if len(data) > MAX_FORM_BYTES:
-            raise OAuthError("invalid_request", "the body is too large")
-    try:
-        pairs = urllib.parse.parse_qsl(data.decode("utf-8"), keep_blank_values=True, max_num_fields=32)
-    except (UnicodeDecodeError, ValueError):
-        raise OAuthError("invalid_request", "the body is not a valid form") from None
-    form: dict[str, str] = {}
-    for name, value in pairs:
-        if name in form:
-            known = name if name in ("grant_type", "refresh_token", "scope", "client_id") else "a parameter"
-            raise OAuthError("invalid_request", f"{known} is repeated")
-        form[name] = value
-    return form
-
-
-def _oauth_error(status: int, error: str, description: str, headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response(
-        {"error": error, "error_description": description}, status=status, headers={**_NO_STORE, **(headers or {})}
-    )

@@ -27,7 +27,8 @@ from prometheus_client import generate_latest
 from gateway import signing
 from gateway.config import StoreSettings, TokensSettings
 from gateway.store import LastUse, MemoryStore, RedisStore, connect_redis
-from gateway.tokens import Issuer, MintRequest, TokenService
+from gateway.token_records import MintRequest
+from gateway.tokens import Issuer, TokenService
 from tests.redis_support import PrivateRedis
 from tests.support import RunningGateway, Upstream, log_text, start_gateway
 

@@ -1,0 +1,115 @@
+"""WebSocket upgrades through the gateway (RFC 6455): the handshake is checked before the upstream is contacted,
+then messages are pumped both ways, and each side's close (with its code) is passed on before it is answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from gateway import errors
+
+_WS_HANDSHAKE = frozenset({"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions"})
+_WS_CLOSE_TIMEOUT = 10.0  # once one side closed, how long the other may take to finish its close
+
+
+def is_websocket(request: web.BaseRequest) -> bool:
+    """A WebSocket opening handshake: `Upgrade: websocket` that `Connection` names (RFC 6455 §4.1).
+
+    `Upgrade` alone is not one (RFC 9110 §7.8: it only counts when listed in Connection); such a request is
+    forwarded as a plain one, with Upgrade removed like every hop-by-hop header.
+    """
+    connection = {t.strip().lower() for v in request.headers.getall("Connection", ()) for t in v.split(",")}
+    return "upgrade" in connection and request.headers.get("Upgrade", "").strip().lower() == "websocket"
+
+
+async def relay(
+    request: web.BaseRequest,
+    session: aiohttp.ClientSession,
+    handshake_timeout: float,
+    url: URL,
+    headers: CIMultiDict[str],
+) -> web.StreamResponse:
+    protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
+    if not web.WebSocketResponse(protocols=protocols).can_prepare(request).ok:
+        # Checked before connecting upstream: a handshake we cannot complete towards the client (bad key, version,
+        # method) used to open an upstream WebSocket, leak it, and answer 500.
+        raise errors.InvalidRequest("not a valid WebSocket handshake")
+    for name in list(headers):
+        if name.lower() in _WS_HANDSHAKE or name.lower() == "sec-websocket-protocol":
+            headers.popall(name, None)
+    try:
+        async with asyncio.timeout(handshake_timeout):
+            upstream_ws = await session.ws_connect(
+                url, headers=headers, protocols=protocols, autoping=False, autoclose=False
+            )
+    except aiohttp.ClientError:  # before TimeoutError, as in forward()
+        raise errors.UpstreamUnavailable() from None
+    except TimeoutError:
+        raise errors.UpstreamTimeout() from None
+    async with upstream_ws:
+        # autoclose off on both sides: a pump answers a close only after relaying it, so the far side hears the
+        # real close code before this side may hang up (which cancels this handler).
+        client_ws = web.WebSocketResponse(
+            protocols=[upstream_ws.protocol] if upstream_ws.protocol else (), autoping=False, autoclose=False
+        )
+        await client_ws.prepare(request)
+        pumps = [
+            asyncio.create_task(_pump(client_ws, upstream_ws, towards_client=False)),
+            asyncio.create_task(_pump(upstream_ws, client_ws, towards_client=True)),
+        ]
+        try:
+            _, pending = await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+            # Closing one side ends the other pump too; let it finish its close rather than cut it off.
+            await asyncio.wait(pending, timeout=_WS_CLOSE_TIMEOUT)
+        finally:
+            for task in pumps:
+                task.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+            if not upstream_ws.closed:  # the client went away (this handler was cancelled): tell the upstream so
+                await upstream_ws.close(code=aiohttp.WSCloseCode.GOING_AWAY)
+    await client_ws.close()
+    return client_ws
+
+
+def _relayable_close_code(code: int | None, towards_client: bool) -> int:
+    """The close code to pass on. 1005/1006/1015 report a missing code or a dropped connection and must never be
+    sent in a close frame (RFC 6455 §7.4.1): the client then hears 1014 (bad gateway), the upstream 1001 (going
+    away)."""
+    if not code or code == 1005:  # none given (an empty close frame reads as 0)
+        return aiohttp.WSCloseCode.OK
+    if code in (aiohttp.WSCloseCode.ABNORMAL_CLOSURE, 1015):
+        return aiohttp.WSCloseCode.BAD_GATEWAY if towards_client else aiohttp.WSCloseCode.GOING_AWAY
+    return code
+
+
+async def _pump(
+    source: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+    sink: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+    towards_client: bool,
+) -> None:
+    """Relay messages from source to sink until source closes; then close sink with source's code, and only then
+    answer source's close."""
+    while True:
+        message = await source.receive()
+        if message.type == aiohttp.WSMsgType.TEXT:
+            await sink.send_str(message.data)
+        elif message.type == aiohttp.WSMsgType.BINARY:
+            await sink.send_bytes(message.data)
+        elif message.type == aiohttp.WSMsgType.PING:
+            await sink.ping(message.data)
+        elif message.type == aiohttp.WSMsgType.PONG:
+            await sink.pong(message.data)
+        elif message.type == aiohttp.WSMsgType.CLOSE:
+            code = _relayable_close_code(message.data, towards_client)
+            await sink.close(code=code, message=(message.extra or "").encode())  # a reason fits in 123 bytes
+            await source.close(code=code)
+            return
+        else:  # CLOSING (the other pump is closing source), CLOSED or ERROR (the connection broke)
+            broken = message.type != aiohttp.WSMsgType.CLOSING
+            await sink.close(code=_relayable_close_code(1006 if broken else None, towards_client))
+            return
