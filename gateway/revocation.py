@@ -42,6 +42,7 @@ class Mirror:
         self._heartbeat = max(0.05, min(1.0, max_staleness / 4))
         self._confirmed: float | None = None  # monotonic time the mirror was last known current
         self._up = False  # store reachable (for logging transitions once, not every retry)
+        self._replay: list[str] | None = None  # notices received while a full sync runs
         self.sessions = 0  # subscriptions opened: more than one means the connection was lost and re-made
         self.heartbeats = 0  # PONGs received on the subscription connection
         self._always_current = isinstance(store, MemoryStore)
@@ -72,6 +73,8 @@ class Mirror:
         return identity.issued_at is None or identity.issued_at < cutoff
 
     def apply(self, notice: str) -> None:
+        if self._replay is not None:
+            self._replay.append(notice)  # a sync is under way: re-applied to its snapshot before the swap
         try:
             change = json.loads(notice)
             table = self.jtis if change["kind"] == "jti" else self.subjects
@@ -85,11 +88,23 @@ class Mirror:
         self._metrics.revoked_tokens.set(len(self.jtis))
 
     async def full_sync(self) -> None:
+        """Replace the mirror with a fresh snapshot. Notices keep being applied meanwhile (the snapshot of 100,000
+        entries takes a while); those that arrive during it are replayed onto the snapshot before the swap, so a
+        change is never lost whichever side of the snapshot it landed on (adds and removes are idempotent, and the
+        last notice per member is the latest write)."""
         started = time.monotonic()
-        jtis, subjects = await self.store.snapshot()
-        self.jtis, self.subjects = jtis, subjects
-        self._confirmed = started
-        self._metrics.revoked_tokens.set(len(jtis))
+        self._replay = []
+        try:
+            jtis, subjects = await self.store.snapshot()
+            replay, self._replay = self._replay, None
+            self.jtis, self.subjects = jtis, subjects
+            for notice in replay:
+                self.apply(notice)
+        finally:
+            self._replay = None
+        # Never backwards: PONGs received while the snapshot was under way confirmed a later moment already.
+        self._confirmed = started if self._confirmed is None else max(self._confirmed, started)
+        self._metrics.revoked_tokens.set(len(self.jtis))
         self.synced.set()
 
     async def run(self) -> None:
@@ -122,6 +137,7 @@ class Mirror:
 
     async def _follow(self, store: RedisStore) -> None:
         pubsub = store.client.pubsub()
+        resync: asyncio.Task[None] | None = None
         try:
             await pubsub.subscribe(store.channel)
             await self.full_sync()  # after subscribing, so nothing published in between is missed
@@ -146,10 +162,15 @@ class Mirror:
                     ping_sent, awaiting_pong = now, True
                 elif awaiting_pong and now - ping_sent > max(2.0, 4 * self._heartbeat):
                     raise TimeoutError("no PONG on the subscription connection")
-                if now - last_sync >= self._resync_interval:
-                    await self.full_sync()
+                if now - last_sync >= self._resync_interval and (resync is None or resync.done()):
+                    if resync is not None:
+                        resync.result()  # a failed re-sync means the store is in trouble: reconnect
+                    # A task of its own: notices keep being applied (and replayed onto it) while it runs.
+                    resync = asyncio.create_task(self.full_sync(), name="revocation-resync")
                     last_sync = now
         finally:
+            if resync is not None and not resync.done():
+                resync.cancel()
             await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
 
 

@@ -482,3 +482,34 @@ async def _status_at(http: aiohttp.ClientSession, url: str, token: str) -> int:
 
 async def _status_at_is(http: aiohttp.ClientSession, url: str, token: str, code: int) -> bool:
     return await _status_at(http, url, token) == code
+
+
+async def test_a_notice_arriving_during_a_full_sync_survives_the_swap(redis_url: str, key_prefix: str) -> None:
+    """The snapshot is taken before the change and swapped in after its notice: the notice is replayed onto it."""
+    from gateway.metrics import Metrics
+    from gateway.revocation import Mirror
+
+    taken, release = asyncio.Event(), asyncio.Event()
+
+    class SlowSnapshot(RedisStore):
+        async def snapshot(self) -> tuple[dict[str, float], dict[str, float]]:
+            result = await super().snapshot()  # a real snapshot, from before the change below
+            taken.set()
+            await release.wait()
+            return result
+
+    store = SlowSnapshot(connect_redis(StoreSettings(redis_url=redis_url)), key_prefix)
+    try:
+        mirror = Mirror(store, Metrics(), resync_interval=3600, max_staleness=5)
+        sync = asyncio.create_task(mirror.full_sync())
+        await taken.wait()
+        change = Revocation("jti", "during-sync", time.time() + HOUR)
+        await store.add(change)
+        mirror.apply(change.notice("add"))  # as the subscription delivers it, while the snapshot is in flight
+        assert "during-sync" in mirror.jtis, "applied to the live mirror at once"
+        release.set()
+        await sync
+        assert "during-sync" in mirror.jtis, "lost when the older snapshot was swapped in"
+    finally:
+        await store.client.delete(store.jti_key)
+        await store.close()
