@@ -46,7 +46,7 @@ from cryptography.hazmat.primitives import serialization
 from bench import wrk
 from bench.gateway_server import REDIS_URL, _wait_ready, gateway_command, gateway_config, revoked_set
 from bench.report import MB, Run, _grid
-from bench.runner import RssSampler
+from bench.runner import RssSampler, run_record
 from bench.servers import UPSTREAM_BODY, TargetError, start_nginx
 from bench.system import (
     DRIVER_CORE,
@@ -186,27 +186,7 @@ def measure(gateway: Gateway, name: str, round_no: int, tokens: Path, h: Harness
         after = CpuSnapshot.take(pid, h.upstream.pid)
     if gateway.process.popen.poll() is not None:
         raise TargetError(f"gateway exited during the run:\n{gateway.process.log_tail()}")
-    cpu_used = after.server - before.server
-    others = (after.server_core - before.server_core) - cpu_used
-    others_driver = (after.driver_core - before.driver_core) - (after.driver - before.driver)
-    return Run(
-        target=name,
-        round=round_no,
-        requests=result.requests,
-        seconds=result.seconds,
-        rps=result.rps,
-        p50_ms=result.p50_ms,
-        p99_ms=result.p99_ms,
-        cpu_us_per_request=cpu_used / result.requests * 1e6 if result.requests else 0.0,
-        busy=cpu_used / result.seconds,
-        others=max(0.0, others) / result.seconds,
-        others_driver=max(0.0, others_driver) / result.seconds,
-        rss_idle=rss_idle,
-        rss_load=sampler.peak,
-        non_2xx=result.non_2xx,
-        socket_errors=result.socket_errors,
-        token_wraps=0,
-    )
+    return run_record(name, round_no, result, before, after, rss_idle, sampler.peak)
 
 
 def print_run(run: Run) -> None:
@@ -586,31 +566,14 @@ def side_by_side(
         before = {n: CpuSnapshot.take(gateways[n][0].process.pid, h.upstream.pid) for n in names}
         results = dict(zip(names, pool.map(lambda n: load(n, seconds), names), strict=True))
         after = {n: CpuSnapshot.take(gateways[n][0].process.pid, h.upstream.pid) for n in names}
-    first = names[0]
     together = sum(after[n].server - before[n].server for n in names)
-    others = (after[first].server_core - before[first].server_core) - together
-    driver = (after[first].driver_core - before[first].driver_core) - (after[first].driver - before[first].driver)
     runs = {}
     for n in names:
-        result, cpu = results[n], after[n].server - before[n].server
-        runs[n] = Run(
-            target=n,
-            round=round_no,
-            requests=result.requests,
-            seconds=result.seconds,
-            rps=result.rps,
-            p50_ms=result.p50_ms,
-            p99_ms=result.p99_ms,
-            cpu_us_per_request=cpu / result.requests * 1e6 if result.requests else 0.0,
-            busy=cpu / result.seconds,
-            others=max(0.0, others) / result.seconds,
-            others_driver=max(0.0, driver) / result.seconds,
-            rss_idle=0,
-            rss_load=rss_bytes(gateways[n][0].process.pid),
-            non_2xx=result.non_2xx,
-            socket_errors=result.socket_errors,
-            token_wraps=0,
-        )
+        # The core is shared on purpose: noise is what neither gateway nor the harness used there.
+        runs[n] = run_record(
+            n, round_no, results[n], before[n], after[n], 0, rss_bytes(gateways[n][0].process.pid),
+            cpu_together=together,
+        )  # fmt: skip
     return runs
 
 

@@ -61,28 +61,46 @@ def measure(target: Target, bench: Bench, round_no: int, seconds: float, warmup:
             after = CpuSnapshot.take(pid, bench.upstream_pid)
         if running.process.popen.poll() is not None:
             raise TargetError(f"exited during the run:\n{running.process.log_tail()}")
-    cpu_used = after.server - before.server
+    # Warm sets wrap by design; only for a cold set does a wrap mean repeated tokens.
+    wraps = result.wraps if target.tokens.endswith("-cold") else 0
+    return run_record(target.name, round_no, result, before, after, rss_idle, sampler.peak, wraps)
+
+
+def run_record(
+    name: str,
+    round_no: int,
+    result: wrk.WrkResult,
+    before: CpuSnapshot,
+    after: CpuSnapshot,
+    rss_idle: int,
+    rss_load: int,
+    token_wraps: int = 0,
+    cpu_used: float | None = None,
+    cpu_together: float | None = None,
+) -> Run:
+    """One measured run. `cpu_used`: the server's CPU if not before→after of one server; `cpu_together`: what every
+    server sharing core 0 used (side-by-side runs), so that only the rest counts as noise."""
+    used = after.server - before.server if cpu_used is None else cpu_used
     # Whatever else ran on either core during the run, as a share of that core: noise.
-    others = (after.server_core - before.server_core) - cpu_used
+    others = (after.server_core - before.server_core) - (used if cpu_together is None else cpu_together)
     others_driver = (after.driver_core - before.driver_core) - (after.driver - before.driver)
     return Run(
-        target=target.name,
+        target=name,
         round=round_no,
         requests=result.requests,
         seconds=result.seconds,
         rps=result.rps,
         p50_ms=result.p50_ms,
         p99_ms=result.p99_ms,
-        cpu_us_per_request=cpu_used / result.requests * 1e6 if result.requests else 0.0,
-        busy=cpu_used / result.seconds,
+        cpu_us_per_request=used / result.requests * 1e6 if result.requests else 0.0,
+        busy=used / result.seconds,
         others=max(0.0, others) / result.seconds,
         others_driver=max(0.0, others_driver) / result.seconds,
         rss_idle=rss_idle,
-        rss_load=sampler.peak,
+        rss_load=rss_load,
         non_2xx=result.non_2xx,
         socket_errors=result.socket_errors,
-        # Warm sets wrap by design; only for a cold set does a wrap mean repeated tokens.
-        token_wraps=result.wraps if target.tokens.endswith("-cold") else 0,
+        token_wraps=token_wraps,
     )
 
 
