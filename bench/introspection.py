@@ -49,6 +49,7 @@ from bench.propagation import (
     print_run,
     print_side,
     run_async,
+    run_parts,
     side_by_side,
     start_gateway,
 )
@@ -413,14 +414,7 @@ def main() -> None:
             "throughput": lambda: throughput(h, args.rounds, args.duration, args.warmup),
             "calls": lambda: calls(h, args.requests, args.distinct, args.concurrency),
         }
-        failed = []
-        for part in args.parts:
-            try:
-                steps[part]()
-            except (TargetError, RuntimeError, OSError, TimeoutError) as exc:
-                failed.append(part)
-                print(f"\n{part}: FAILED: {exc}", flush=True)
-            print()
+        failed = run_parts(steps, args.parts)
     if failed:
         sys.exit(1)
 

@@ -831,16 +831,22 @@ def main() -> None:
             "throughput": lambda: throughput(h, args.revoked, args.rounds, args.duration, args.warmup),
             "memory": lambda: memory(h, args.revoked, args.pairs, args.settle),
         }
-        failed = []
-        for part in args.parts:
-            try:
-                steps[part]()
-            except (TargetError, RuntimeError, OSError) as exc:
-                failed.append(part)
-                print(f"\n{part}: FAILED: {exc}", flush=True)
-            print()
+        failed = run_parts(steps, args.parts)
     if failed:
         sys.exit(1)
+
+
+def run_parts(steps: dict[str, Callable[[], None]], parts: Sequence[str]) -> list[str]:
+    """Run each named part; one that fails is reported and the others still run. Returns the failed ones."""
+    failed = []
+    for part in parts:
+        try:
+            steps[part]()
+        except (TargetError, RuntimeError, OSError, TimeoutError) as exc:
+            failed.append(part)
+            print(f"\n{part}: FAILED: {exc}", flush=True)
+        print()
+    return failed
 
 
 if __name__ == "__main__":
