@@ -11,14 +11,14 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
-from gateway import bearer, errors, proxy
+from gateway import bearer, errors, proxy, websocket
 from gateway import upstream as upstream_client
 from gateway.config import (
     GATEWAY_ISSUER_NAME,
@@ -29,6 +29,7 @@ from gateway.config import (
     TokenLocation,
 )
 from gateway.identity import Identity
+from gateway.listener import Request, RequestView
 from gateway.metrics import Metrics, RouteMetrics
 from gateway.oauth import serve_public
 from gateway.revocation import Mirror, RevocationCheck
@@ -231,19 +232,71 @@ def _route(
 
 
 class Handler:
-    """The proxy listener's request handler: match, extract, judge, forward — and account for it."""
+    """The proxy listener's request handler: match, extract, judge, forward — and account for it.
+
+    `serve` answers what the listener parses itself; `upgrade` the WebSocket handshakes it hands to aiohttp."""
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.unmatched = RouteMetrics(runtime.metrics, "unmatched")
 
-    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def serve(self, request: Request) -> None:
         gateway = self.runtime.gateway
         assert gateway is not None  # noqa: S101 - installed before the listener starts
         if gateway.signer is not None and gateway.settings.tokens is not None and request.path in PUBLIC_PATHS:
             # JWKS, discovery and the refresh grant of the gateway's own issuer, before route matching.
             issuer = self.runtime.tokens.issuer(gateway.settings.tokens, gateway.signer)
-            return await serve_public(request, self.runtime.tokens, issuer)
+            request.send(await serve_public(request, self.runtime.tokens, issuer))
+            return
+
+        async def forward(route: Route, identity: Identity | None) -> int:
+            await proxy.forward(
+                request, self.runtime.clients, route.upstream, identity, route.metrics.upstream_answered
+            )
+            return request.status
+
+        def refuse(exc: errors.GatewayError) -> int:
+            if request.started:  # cut short (the upstream broke off): counted as the failure it was
+                request.abort()
+            else:
+                request.send(error_response(exc))
+            return exc.status
+
+        await self._handle(gateway, request, forward, refuse, lambda: request.client_gone)
+
+    async def upgrade(self, request: web.BaseRequest) -> web.StreamResponse:
+        gateway = self.runtime.gateway
+        assert gateway is not None  # noqa: S101 - installed before the listener starts
+        answers: list[web.StreamResponse] = []
+
+        async def relay(route: Route, identity: Identity | None) -> int:
+            if not websocket.is_websocket(request.headers):  # the listener hands over WebSocket handshakes only
+                raise errors.InvalidRequest("not a WebSocket handshake")
+            upstream = route.upstream
+            target = upstream.target(request.rel_url.raw_path, request.rel_url.raw_query_string)
+            headers = upstream.headers(request, identity)
+            answers.append(await websocket.relay(request, self.runtime.session, upstream.timeout, target, headers))
+            return answers[-1].status
+
+        def refuse(exc: errors.GatewayError) -> int:
+            answers.append(error_response(exc))
+            return exc.status
+
+        def client_gone() -> bool:
+            return isinstance(request.transport, asyncio.Transport) and request.transport.is_closing()
+
+        await self._handle(gateway, request, relay, refuse, client_gone)
+        answers[-1].force_close()  # whatever follows on this connection is not a WebSocket handshake
+        return answers[-1]
+
+    async def _handle(
+        self,
+        gateway: Gateway,
+        request: RequestView,
+        forward: Callable[[Route, Identity | None], Awaitable[int]],
+        refuse: Callable[[errors.GatewayError], int],
+        client_gone: Callable[[], bool],
+    ) -> None:
         started = time.perf_counter()
         metrics = self.unmatched
         identity: Identity | None = None
@@ -253,25 +306,22 @@ class Handler:
             metrics = route.metrics
             if route.judge is not None:
                 identity = await self._judge(request, route)
-            response = await proxy.forward(
-                request, self.runtime.clients, route.upstream, identity, metrics.upstream_answered
-            )
+            status = await forward(route, identity)
         except errors.GatewayError as exc:
             reason = exc.reason
-            response = error_response(exc)
+            status = refuse(exc)
         except Exception:
-            if isinstance(request.transport, asyncio.Transport) and request.transport.is_closing():
+            if client_gone():
                 raise  # the client went away mid-answer; nothing left to tell it
             log.exception("unexpected error", extra={"route": metrics.route})
             reason = "internal"
-            response = error_response(errors.GatewayError())
+            status = refuse(errors.GatewayError())
         elapsed = time.perf_counter() - started
-        metrics.answered(request.method, response.status, elapsed)
+        metrics.answered(request.method, status, elapsed)
         if gateway.settings.log.access:
-            _log_access(request, metrics.route, response.status, elapsed, identity, reason)
-        return response
+            _log_access(request, metrics.route, status, elapsed, identity, reason)
 
-    async def _judge(self, request: web.BaseRequest, route: Route) -> Identity:
+    async def _judge(self, request: RequestView, route: Route) -> Identity:
         assert route.judge is not None  # noqa: S101 - callers check
         try:
             token = bearer.extract(request, route.token, route.max_token_bytes)
@@ -290,7 +340,7 @@ def error_response(exc: errors.GatewayError) -> web.Response:
 
 
 def _log_access(
-    request: web.BaseRequest, route: str, status: int, elapsed: float, identity: Identity | None, reason: str
+    request: RequestView, route: str, status: int, elapsed: float, identity: Identity | None, reason: str
 ) -> None:
     fields: dict[str, Any] = {
         "route": route,

@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import re
 
-from aiohttp import web
-
 from gateway import errors
 from gateway.config import TokenLocation
+from gateway.listener import RequestView
 
 # RFC 6750 §2.1 b64token: the characters a bearer token may contain.
 _B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 
 
-def extract(request: web.BaseRequest, location: TokenLocation, max_bytes: int) -> str:
+def extract(request: RequestView, location: TokenLocation, max_bytes: int) -> str:
     """Return the token; raise MissingToken, InvalidRequest or TokenTooLarge."""
     if location.source == "authorization":
         token = _from_authorization(request)
@@ -39,7 +38,7 @@ def extract(request: web.BaseRequest, location: TokenLocation, max_bytes: int) -
     return token
 
 
-def _from_authorization(request: web.BaseRequest) -> str | None:
+def _from_authorization(request: RequestView) -> str | None:
     value = _single(request.headers.getall("Authorization", []), "the Authorization header")
     if value is None:
         return None
@@ -58,7 +57,7 @@ def _single(values: list[str], what: str) -> str | None:
     return values[0] if values else None
 
 
-def _single_cookie(request: web.BaseRequest, name: str) -> None:
+def _single_cookie(request: RequestView, name: str) -> None:
     """Two cookies of the credential's name are ambiguous (request.cookies keeps the last one; a cookie set by
     another path or a parent domain can add one): refuse, as for a repeated header or query parameter."""
     names = [

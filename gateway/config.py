@@ -64,7 +64,7 @@ class ListenSettings(Model):
     max_header_bytes: int = Field(
         16384,
         ge=1024,
-        description="Largest single request header line accepted (larger: 400 from the server).",
+        description="Largest request line or header line accepted (larger: 431); a whole head may be 8× this.",
     )
 
 

@@ -3,6 +3,7 @@
     GatewayError                      status, error, reason (metric label), description
     ├── NoRoute                       404 not_found
     ├── InvalidRequest                400 invalid_request   (two Authorization headers, bad scheme, bad path)
+    │   └── HeadersTooLarge           431 a request line or header line over listen.max_header_bytes
     ├── AuthError                     401 invalid_token     (+ WWW-Authenticate)
     │   ├── MissingToken              401 (no error code, RFC 6750 §3.1)
     │   ├── TokenTooLarge, Malformed, BadSignature, UnknownKey, AlgorithmNotAllowed, UnsupportedCritical,
@@ -51,6 +52,10 @@ class InvalidRequest(GatewayError):
 
     def headers(self, realm: str) -> dict[str, str]:
         return {"WWW-Authenticate": _challenge(realm, self.error, self.description)}
+
+
+class HeadersTooLarge(InvalidRequest):
+    status, description = 431, "request header fields too large"
 
 
 class AuthError(GatewayError):

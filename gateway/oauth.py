@@ -11,6 +11,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from gateway import errors
+from gateway.listener import Request
 from gateway.token_records import JWKS_PATH, MAX_FORM_BYTES, NO_STORE, TOKEN_PATH, OAuthError
 from gateway.tokens import Issuer, TokenService
 
@@ -27,7 +28,7 @@ def discovery_response(issuer: Issuer) -> web.Response:
     return web.json_response(issuer.discovery(), headers={"Cache-Control": "public, max-age=300"})
 
 
-async def serve_public(request: web.BaseRequest, service: TokenService, issuer: Issuer) -> web.Response:
+async def serve_public(request: Request, service: TokenService, issuer: Issuer) -> web.Response:
     """JWKS, discovery and the token endpoint, for a request whose path is in PUBLIC_PATHS."""
     if request.path == TOKEN_PATH:
         if request.method != "POST":
@@ -40,7 +41,7 @@ async def serve_public(request: web.BaseRequest, service: TokenService, issuer: 
     return jwks_response(issuer) if request.path == JWKS_PATH else discovery_response(issuer)
 
 
-async def _token_endpoint(request: web.BaseRequest, service: TokenService, issuer: Issuer) -> web.Response:
+async def _token_endpoint(request: Request, service: TokenService, issuer: Issuer) -> web.Response:
     try:
         form = await _read_form(request)
         body = await service.exchange(issuer, form, request.remote, request.headers.get("User-Agent"))
@@ -55,17 +56,21 @@ async def _token_endpoint(request: web.BaseRequest, service: TokenService, issue
     return web.json_response(body, headers=NO_STORE)
 
 
-async def _read_form(request: web.BaseRequest) -> dict[str, str]:
+async def _read_form(request: Request) -> dict[str, str]:
     """The form body (RFC 6749 §4.1.3 / §6): urlencoded, small, UTF-8, no parameter twice (§3.2)."""
-    if request.content_type != "application/x-www-form-urlencoded":
+    content_type = request.headers.get("Content-Type", "").partition(";")[0].strip().lower()
+    if content_type != "application/x-www-form-urlencoded":
         raise OAuthError("invalid_request", "the body must be application/x-www-form-urlencoded")
-    if request.content_length is not None and request.content_length > MAX_FORM_BYTES:
+    length = request.headers.get("Content-Length", "")
+    if length.isdigit() and int(length) > MAX_FORM_BYTES:
         raise OAuthError("invalid_request", "the body is too large")
     data = b""
-    while chunk := await request.content.read(MAX_FORM_BYTES):
-        data += chunk
-        if len(data) > MAX_FORM_BYTES:
+    if request.body is not None:
+        request.send_continue()
+        read = await request.body.read(MAX_FORM_BYTES)
+        if read is None:
             raise OAuthError("invalid_request", "the body is too large")
+        data = read
     try:
         pairs = urllib.parse.parse_qsl(data.decode("utf-8"), keep_blank_values=True, max_num_fields=32)
     except (UnicodeDecodeError, ValueError):

@@ -18,14 +18,14 @@ from typing import Protocol
 from urllib.parse import unquote_plus
 
 import aiohttp
-from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from gateway import errors, websocket
+from gateway import errors
 from gateway import upstream as upstream_client
 from gateway.config import RouteSettings
 from gateway.identity import Identity
+from gateway.listener import Request, RequestView
 
 log = logging.getLogger(__name__)
 
@@ -91,22 +91,22 @@ class Upstream:
             credential_name=token.name,
         )
 
-    def target(self, request: web.BaseRequest) -> URL:
-        return URL(f"{self.origin}{self.target_path(request)}", encoded=True)
+    def target(self, raw_path: str, raw_query: str) -> URL:
+        return URL(f"{self.origin}{self.target_path(raw_path, raw_query)}", encoded=True)
 
-    def target_path(self, request: web.BaseRequest) -> str:
+    def target_path(self, raw_path: str, raw_query: str) -> str:
         """The upstream request-target: base path, the (stripped) raw path and the raw query."""
-        path = request.rel_url.raw_path
+        path = raw_path
         if self.strip_prefix and (path == self.strip_prefix or path.startswith(self.strip_prefix.rstrip("/") + "/")):
             path = path[len(self.strip_prefix.rstrip("/")) :] or "/"
-        query = request.rel_url.raw_query_string
+        query = raw_query
         if query and self.credential_source == "query":
             # Drop only the credential's pairs and keep the others byte for byte: decoding and re-encoding the
             # whole query (parse_qsl + urlencode) changed %20 into +, `flag` into `flag=`, and so on.
             query = "&".join(pair for pair in query.split("&") if _query_key(pair) != self.credential_name)
         return f"{self.base_path}{path}{'?' + query if query else ''}"
 
-    def headers(self, request: web.BaseRequest, identity: Identity | None) -> CIMultiDict[str]:
+    def headers(self, request: RequestView, identity: Identity | None) -> CIMultiDict[str]:
         connection_named = {
             token.strip().lower() for value in request.headers.getall("Connection", ()) for token in value.split(",")
         }
@@ -170,53 +170,49 @@ class _Answer(Protocol):
 
 
 async def forward(
-    request: web.BaseRequest,
+    request: Request,
     clients: Clients,
     upstream: Upstream,
     identity: Identity | None,
     observe: Callable[[float], None] | None = None,
-) -> web.StreamResponse:
-    """Send the request upstream; raise UpstreamUnavailable / UpstreamTimeout before any byte is answered.
-
-    `observe` gets the seconds the upstream took to answer with headers.
-    """
+) -> None:
+    """Send the request upstream and relay the answer; raise UpstreamUnavailable / UpstreamTimeout before any byte
+    is answered. `observe` gets the seconds the upstream took to answer with headers."""
     headers = upstream.headers(request, identity)
-    if websocket.is_websocket(request):
-        return await websocket.relay(request, clients.session, upstream.timeout, upstream.target(request), headers)
-    has_body = request.body_exists
-    if has_body and request.version >= (1, 1) and request.headers.get("Expect", "").lower() == "100-continue":
-        # The client holds its body back until told to send it (RFC 9110 §10.1.1); nothing else would tell it
-        # (curl waits a second per upload, others for ever). Said only now, once the token has been judged, so a
-        # refused upload never crosses the network.
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    # The client holds its body back until told to send it (RFC 9110 §10.1.1); nothing else would tell it (curl
+    # waits a second per upload, others for ever). Said only now, once the token has been judged, so a refused
+    # upload never crosses the network.
+    request.send_continue()
+    body = request.body.chunks() if request.body is not None else None
     started = time.perf_counter()
     if request.method == "HEAD":  # llhttp cannot be told that an answer to HEAD has no body
-        answer, release = await _send_with_aiohttp(request, clients.session, upstream, headers, has_body)
+        answer, release = await _send_with_aiohttp(request, clients.session, upstream, headers, body)
     else:
-        answer, release = await _send(request, clients.pools, upstream, headers, has_body)
+        answer, release = await _send(request, clients.pools, upstream, headers, body)
     if observe is not None:
         observe(time.perf_counter() - started)
     try:
-        return await _relay(request, answer)
+        await _relay(request, answer)
     finally:
         release()
 
 
 async def _send(
-    request: web.BaseRequest,
+    request: Request,
     pools: upstream_client.Pools,
     upstream: Upstream,
     headers: CIMultiDict[str],
-    has_body: bool,
+    body: AsyncIterator[bytes] | None,
 ) -> tuple[_Answer, Callable[[], None]]:
     pool = pools.get(upstream.scheme, upstream.host, upstream.port)
     if not upstream.preserve_host:
         headers["Host"] = upstream.netloc
-    chunked = has_body and "Content-Length" not in headers
+    chunked = body is not None and "Content-Length" not in headers
     if chunked:
         headers["Transfer-Encoding"] = "chunked"  # the client's own framing is hop-by-hop and was removed
-    head = upstream_client.encode_head(request.method, upstream.target_path(request), headers.items())
-    body = request.content.iter_any() if has_body else None
+    head = upstream_client.encode_head(
+        request.method, upstream.target_path(request.raw_path, request.raw_query), headers.items()
+    )
     try:
         async with asyncio.timeout(upstream.timeout):
             connection, answer = await upstream_client.request(pool, head, body, chunked, upstream.connect_timeout)
@@ -229,19 +225,18 @@ async def _send(
 
 
 async def _send_with_aiohttp(
-    request: web.BaseRequest,
+    request: Request,
     session: aiohttp.ClientSession,
     upstream: Upstream,
     headers: CIMultiDict[str],
-    has_body: bool,
+    body: AsyncIterator[bytes] | None,
 ) -> tuple[_Answer, Callable[[], None]]:
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=upstream.connect_timeout)
     try:
         async with asyncio.timeout(upstream.timeout):
             answer = await session.request(
-                request.method, upstream.target(request), headers=headers,
-                data=request.content if has_body else None, allow_redirects=False,
-                timeout=timeout, skip_auto_headers=_SKIP_AUTO,
+                request.method, upstream.target(request.raw_path, request.raw_query), headers=headers,
+                data=body, allow_redirects=False, timeout=timeout, skip_auto_headers=_SKIP_AUTO,
             )  # fmt: skip
     except aiohttp.ClientError as exc:
         # Before TimeoutError: aiohttp's connect timeout (ConnectionTimeoutError) is both a ClientError and a
@@ -278,47 +273,40 @@ class _AiohttpAnswer:
         return b"".join([chunk async for chunk in self.chunks()])
 
 
-async def _relay(request: web.BaseRequest, answer: _Answer) -> web.StreamResponse:
-    headers: CIMultiDict[str] = CIMultiDict()
+async def _relay(request: Request, answer: _Answer) -> None:
+    headers: list[tuple[str, str]] = []
     named: set[str] = set()  # headers the upstream's Connection header names are hop-by-hop too
     for name, value in answer.headers:
         lower = name.lower()
         if lower == "connection":
             named.update(token.strip().lower() for token in value.split(","))
         elif lower not in HOP_BY_HOP and lower != "content-length":
-            headers.add(name, value)
-    for name in named:
-        headers.popall(name, None)
+            headers.append((name, value))
+    if named:
+        headers = [(name, value) for name, value in headers if name.lower() not in named]
     length = answer.content_length
-    no_body = request.method == "HEAD" or answer.status in _NO_BODY_STATUSES
-    if no_body or (length is not None and length <= _SMALL_BODY):
-        body = b"" if no_body else await _read(request, answer)
-        small = web.Response(status=answer.status, reason=answer.reason, headers=headers, body=body)
-        if no_body and length is not None:
-            small.headers["Content-Length"] = str(length)
-        return small
-    response = web.StreamResponse(status=answer.status, reason=answer.reason, headers=headers)
-    if length is not None:
-        response.content_length = length
-    await response.prepare(request)
+    if request.method == "HEAD" or answer.status in _NO_BODY_STATUSES:
+        request.respond(answer.status, answer.reason, headers, length=length)
+        return
+    if length is not None and length <= _SMALL_BODY:
+        request.respond(answer.status, answer.reason, headers, await _read(answer))
+        return
+    request.start(answer.status, answer.reason, headers, length)
     try:
         async for chunk in answer.chunks():
-            await response.write(chunk)  # waits while the client's socket buffer is full: memory stays flat
+            await request.write(chunk)  # waits while the client's socket buffer is full: memory stays flat
     except BaseException as exc:
-        # The status line is out, so no error status can be sent. Returning normally would let aiohttp write the
-        # final chunk and pass a cut-off body off as complete; closing the connection short of it (or of
-        # Content-Length) is how HTTP/1.1 tells the client the answer is incomplete.
-        if request.transport is not None:
-            request.transport.close()
+        # The status line is out, so no error status can be sent. Closing the connection short of the final
+        # chunk (or of Content-Length) is how HTTP/1.1 tells the client the answer is incomplete.
+        request.abort()
         if isinstance(exc, upstream_client.UpstreamFailed):
             log.warning("upstream broke off its answer", extra={"error": str(exc)})
             raise errors.UpstreamUnavailable("the upstream broke off its answer") from None
         raise
-    await response.write_eof()
-    return response
+    request.finish()
 
 
-async def _read(request: web.BaseRequest, answer: _Answer) -> bytes:
+async def _read(answer: _Answer) -> bytes:
     try:
         return await answer.read()
     except upstream_client.UpstreamFailed as exc:  # nothing sent yet: a clean 502

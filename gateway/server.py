@@ -18,6 +18,7 @@ from gateway import configfile, errors
 from gateway.admin import admin_app
 from gateway.app import Handler, Runtime, build_gateway
 from gateway.config import Settings
+from gateway.listener import Listener
 from gateway.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class Server:
         self.reuse_port = reuse_port
         self.runtime: Runtime | None = None
         self._runners: list[web.BaseRunner] = []
+        self._listener: Listener | None = None
         self._stopping = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self._mirror_task: asyncio.Task[None] | None = None
@@ -69,24 +71,21 @@ class Server:
         runtime.usage.start()
         await runtime.install(build_gateway(self.settings, runtime))
         listen = self.settings.listen
-        proxy_server = _ProxyServer(
-            Handler(runtime),
-            handler_cancellation=True,
-            max_field_size=listen.max_header_bytes,
-            access_log=None,
+        handler = Handler(runtime)
+        # WebSocket handshakes are handed from the listener to aiohttp's server (see listener.py).
+        upgrades = _ProxyServer(
+            handler.upgrade, handler_cancellation=True, max_field_size=listen.max_header_bytes, access_log=None
         )
-        proxy_runner = web.ServerRunner(proxy_server, shutdown_timeout=listen.drain_timeout)
+        self._listener = Listener(handler.serve, upgrades, listen.max_header_bytes)
         admin_runner = web.AppRunner(admin_app(runtime, self.settings.admin.token_env), access_log=None)
-        for runner in (proxy_runner, admin_runner):
-            await runner.setup()
-            self._runners.append(runner)
+        await admin_runner.setup()
+        self._runners.append(admin_runner)
         # SO_REUSEPORT only for --workers: otherwise a second gateway on the same port would start silently.
         shared = self.reuse_port
-        proxy_site = web.TCPSite(proxy_runner, listen.host, listen.port, reuse_port=shared)
+        proxy_port = await self._listener.start(listen.host, listen.port, reuse_port=shared)
         admin_site = web.TCPSite(admin_runner, self.settings.admin.host, self.settings.admin.port, reuse_port=shared)
-        await proxy_site.start()
         await admin_site.start()
-        ports = Listening(_port(proxy_runner), _port(admin_runner))
+        ports = Listening(proxy_port, _port(admin_runner))
         log.info("gateway listening", extra={"proxy_port": ports.proxy_port, "admin_port": ports.admin_port})
         return ports
 
@@ -122,9 +121,12 @@ class Server:
         """Stop accepting, let in-flight requests finish (up to drain_timeout), then close everything."""
         if self.runtime is not None:
             self.runtime.draining = True
-        # The proxy first, the admin listener last (the order they were set up in): while in-flight requests
-        # drain, /readyz still answers 503 "draining" and /metrics can be scraped. (In reverse order the admin
-        # listener was gone before the drain began, and "draining" was never seen.)
+        # The proxy first, the admin listener last: while in-flight requests drain, /readyz still answers 503
+        # "draining" and /metrics can be scraped. (In reverse order the admin listener was gone before the drain
+        # began, and "draining" was never seen.)
+        if self._listener is not None:
+            await self._listener.stop(self.settings.listen.drain_timeout)
+            self._listener = None
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()

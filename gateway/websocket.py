@@ -8,7 +8,7 @@ import asyncio
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, MultiMapping
 from yarl import URL
 
 from gateway import errors
@@ -17,14 +17,14 @@ _WS_HANDSHAKE = frozenset({"sec-websocket-key", "sec-websocket-version", "sec-we
 _WS_CLOSE_TIMEOUT = 10.0  # once one side closed, how long the other may take to finish its close
 
 
-def is_websocket(request: web.BaseRequest) -> bool:
+def is_websocket(headers: MultiMapping[str]) -> bool:
     """A WebSocket opening handshake: `Upgrade: websocket` that `Connection` names (RFC 6455 §4.1).
 
     `Upgrade` alone is not one (RFC 9110 §7.8: it only counts when listed in Connection); such a request is
     forwarded as a plain one, with Upgrade removed like every hop-by-hop header.
     """
-    connection = {t.strip().lower() for v in request.headers.getall("Connection", ()) for t in v.split(",")}
-    return "upgrade" in connection and request.headers.get("Upgrade", "").strip().lower() == "websocket"
+    connection = {t.strip().lower() for v in headers.getall("Connection", ()) for t in v.split(",")}
+    return "upgrade" in connection and headers.get("Upgrade", "").strip().lower() == "websocket"
 
 
 async def relay(

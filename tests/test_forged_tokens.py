@@ -1095,7 +1095,7 @@ def test_tables_are_large_and_unambiguous() -> None:
 async def test_token_beyond_the_header_limit_is_refused_by_the_server(
     kit: Kit, gw: RunningGateway, upstream: Upstream, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A token longer than the listener's header limit (16 KiB) is a 400 from the HTTP server itself, before the
+    """A token longer than the listener's header limit (16 KiB) is a 431 from the HTTP server itself, before the
     gateway's handler runs; the answer does not echo it and nothing is forwarded or counted as a decision."""
     caplog.set_level(logging.DEBUG)
     token = kit.genuine(padding="x" * 20000)
@@ -1105,7 +1105,8 @@ async def test_token_beyond_the_header_limit_is_refused_by_the_server(
         text = await resp.text()
         status = resp.status
 
-    assert status == 400
+    assert status == 431
+    assert json.loads(text) == {"error": "invalid_request", "error_description": "request header fields too large"}
     assert upstream.requests == []
     assert auth_decisions(gw) == {}
     assert_never_echoed(token, text, log_text(caplog.records))
