@@ -61,6 +61,11 @@ class ListenSettings(Model):
     host: str = Field("0.0.0.0", description="Address of the proxy listener.")  # noqa: S104 - a proxy listens wide
     port: int = Field(8080, ge=0, le=65535, description="Port of the proxy listener (0: any free port).")
     drain_timeout: Duration = Field(20.0, description="On SIGTERM, how long in-flight requests may finish.")
+    idle_timeout: Duration = Field(
+        75.0,
+        description="Close a client connection with no request under way after this long (this also bounds the "
+        "time a request head may take to arrive).",
+    )
     max_header_bytes: int = Field(
         16384,
         ge=1024,

@@ -7,7 +7,7 @@ handed to its RequestHandler, with the request head replayed, and stays with it.
 
 One request is served at a time per connection; pipelined requests wait their turn with reading paused. Request
 bodies stream with flow control (reading pauses while BODY_LIMIT bytes wait for the upstream); answers wait for
-the client's socket to drain. A connection is closed when idle (no request under way) for KEEPALIVE_TIMEOUT,
+the client's socket to drain. A connection is closed when idle (no request under way) for `listen.idle_timeout`,
 counted from its opening or its last answer: that also ends clients that trickle a request head in.
 """
 
@@ -32,8 +32,6 @@ from gateway import errors, websocket
 log = logging.getLogger(__name__)
 
 BODY_LIMIT = 256 * 1024  # request body bytes buffered before reading from the client pauses
-KEEPALIVE_TIMEOUT = 75.0  # as aiohttp's default
-_SWEEP_EVERY = 5.0
 _HEAD_LINES_FACTOR = 8  # a whole request head may be 8 × max_header_bytes
 _NO_BODY_STATUSES = frozenset({204, 304})
 
@@ -184,19 +182,18 @@ class Request:
             self.body.expect_continue = False
             self._connection.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
-    def respond(
-        self,
-        status: int,
-        reason: str,
-        headers: Iterable[tuple[str, str]],
-        body: bytes = b"",
-        length: int | None = None,
-    ) -> None:
-        """A whole answer in one write. `length`: the Content-Length to announce for an answer without a body
-        (HEAD, 304), when it differs from len(body)."""
+    def respond(self, status: int, reason: str, headers: Iterable[tuple[str, str]], body: bytes = b"") -> None:
+        """A whole answer in one write (no body sent for HEAD, 204 and 304)."""
         bodyless = self.method == "HEAD" or status in _NO_BODY_STATUSES
-        head = self._head(status, reason, headers, length if bodyless else len(body))
+        head = self._head(status, reason, headers, None if status in _NO_BODY_STATUSES else len(body))
         self._connection.write(head if bodyless else head + body)
+        self.finished = True
+
+    def respond_bodyless(
+        self, status: int, reason: str, headers: Iterable[tuple[str, str]], length: int | None
+    ) -> None:
+        """A relayed answer without a body (to HEAD, or 204/304), announcing the upstream's length if it gave one."""
+        self._connection.write(self._head(status, reason, headers, length))
         self.finished = True
 
     def send(self, response: web.Response) -> None:
@@ -299,6 +296,7 @@ class Connection(asyncio.Protocol):
         self._holds: set[str] = set()
         self._writable: asyncio.Future[None] | None = None
         self._upgrade: bytes | None = None  # a WebSocket head waiting for the answers before it
+        self._broken = False  # the parser failed: nothing more is read
 
     # --- asyncio.Protocol -------------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -312,6 +310,11 @@ class Connection(asyncio.Protocol):
         self.listener.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
+        if self._upgrade is not None:  # the parser stopped at a WebSocket head that waits its turn
+            self._upgrade += data
+            return
+        if self._broken:
+            return  # refused already; the connection is closing
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -479,6 +482,7 @@ class Connection(asyncio.Protocol):
             extra={"client": self.remote, "error": type(exc).__name__, "status": error.status},
         )
         self.closing = True
+        self._broken = True
         self.hold_reading("malformed", True)
         parsing = self._parsing
         if parsing is not None and parsing.body is not None and not parsing.body.complete:
@@ -528,10 +532,11 @@ class Connection(asyncio.Protocol):
 class Listener:
     """The proxy listener's server: accepts connections, sweeps idle ones, drains on stop."""
 
-    def __init__(self, serve: Serve, aiohttp_server: web.Server, max_header_bytes: int) -> None:
+    def __init__(self, serve: Serve, aiohttp_server: web.Server, max_header_bytes: int, idle_timeout: float) -> None:
         self.serve = serve
         self.aiohttp_server = aiohttp_server  # serves the connections handed over (WebSocket)
         self.max_line = max_header_bytes
+        self.idle_timeout = idle_timeout
         self.loop = asyncio.get_running_loop()
         self.connections: set[Connection] = set()
         self._server: asyncio.Server | None = None
@@ -551,9 +556,10 @@ class Listener:
             self._all_closed.set()
 
     async def _sweep(self) -> None:
+        # A sweep rather than a timer per connection: no timer to arm and cancel on every request.
         while True:
-            await asyncio.sleep(_SWEEP_EVERY)
-            deadline = self.loop.time() - KEEPALIVE_TIMEOUT
+            await asyncio.sleep(min(5.0, self.idle_timeout / 4))
+            deadline = self.loop.time() - self.idle_timeout
             for connection in list(self.connections):
                 if connection.idle_since is not None and connection.idle_since < deadline:
                     connection.close()

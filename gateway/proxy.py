@@ -286,7 +286,7 @@ async def _relay(request: Request, answer: _Answer) -> None:
         headers = [(name, value) for name, value in headers if name.lower() not in named]
     length = answer.content_length
     if request.method == "HEAD" or answer.status in _NO_BODY_STATUSES:
-        request.respond(answer.status, answer.reason, headers, length=length)
+        request.respond_bodyless(answer.status, answer.reason, headers, length)
         return
     if length is not None and length <= _SMALL_BODY:
         request.respond(answer.status, answer.reason, headers, await _read(answer))

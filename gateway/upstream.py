@@ -283,6 +283,9 @@ async def request(
             # A kept-alive connection the upstream had just closed: safe to retry only if no body was sent.
             if body is not None:
                 raise
+        except BaseException:  # the client's body broke off, or the client went away: a half-sent request
+            connection.close()
+            raise
     connection = await pool.connect(connect_timeout)
     try:
         return connection, await connection.send(head, body, chunked)

@@ -224,28 +224,7 @@ async def raw_http_request(port: int, head: str, body: bytes = b"") -> tuple[int
         writer.write(head.encode("latin-1") + close + b"\r\n" + body)
         await writer.drain()
         async with asyncio.timeout(30):
-            head_bytes = await reader.readuntil(b"\r\n\r\n")
-            lines = head_bytes.decode("latin-1").rstrip("\r\n").split("\r\n")
-            status = int(lines[0].split(" ", 2)[1])
-            headers: dict[str, str] = {}
-            for line in lines[1:]:
-                name, _, value = line.partition(":")
-                key = name.strip().lower()
-                headers[key] = f"{headers[key]}, {value.strip()}" if key in headers else value.strip()
-            if head.startswith("HEAD ") or status in (204, 304) or status < 200:
-                answer = b""
-            elif headers.get("transfer-encoding", "").lower() == "chunked":
-                answer = b""
-                while True:
-                    size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
-                    if size == 0:
-                        await reader.readuntil(b"\r\n")  # no trailers expected
-                        break
-                    answer += (await reader.readexactly(size + 2))[:-2]
-            elif "content-length" in headers:
-                answer = await reader.readexactly(int(headers["content-length"]))
-            else:
-                answer = await reader.read()
+            status, headers, answer = await read_answer(reader, head.startswith("HEAD "))
             if close:
                 # The server closes after the answer: nothing more may follow (a HEAD answer with a body would).
                 extra = await reader.read()
@@ -253,6 +232,34 @@ async def raw_http_request(port: int, head: str, body: bytes = b"") -> tuple[int
     finally:
         writer.close()
         await writer.wait_closed()
+    return status, headers, answer
+
+
+async def read_answer(reader: asyncio.StreamReader, to_head: bool = False) -> tuple[int, dict[str, str], bytes]:
+    """Read one answer off a connection: status, headers (names lower-cased; repeated ones joined with ", ") and
+    the de-chunked body (by Content-Length, chunked framing, or until the server closes)."""
+    head_bytes = await reader.readuntil(b"\r\n\r\n")
+    lines = head_bytes.decode("latin-1").rstrip("\r\n").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        key = name.strip().lower()
+        headers[key] = f"{headers[key]}, {value.strip()}" if key in headers else value.strip()
+    if to_head or status in (204, 304) or status < 200:
+        answer = b""
+    elif headers.get("transfer-encoding", "").lower() == "chunked":
+        answer = b""
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+            if size == 0:
+                await reader.readuntil(b"\r\n")  # no trailers expected
+                break
+            answer += (await reader.readexactly(size + 2))[:-2]
+    elif "content-length" in headers:
+        answer = await reader.readexactly(int(headers["content-length"]))
+    else:
+        answer = await reader.read()
     return status, headers, answer
 
 
