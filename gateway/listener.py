@@ -256,6 +256,8 @@ def _phrase(status: int) -> str:
 
 def _split_target(target: str, method: str) -> tuple[str, str]:
     """(raw path, raw query) of a request-target (RFC 9112 §3.2), as aiohttp's parser splits it."""
+    if method == "CONNECT":  # authority-form: a tunnel, which this proxy does not open
+        raise errors.InvalidRequest("CONNECT is not supported")
     if target.startswith("/"):
         path = target.partition("#")[0]
         path, _, query = path.partition("?")
@@ -263,12 +265,12 @@ def _split_target(target: str, method: str) -> tuple[str, str]:
     if target == "*" and method == "OPTIONS":
         return "*", ""
     if "://" in target:  # absolute-form
-        try:
+        try:  # yarl parses the authority lazily: a bad port raises on first use
             url = URL(target, encoded=True)
+            if url.raw_host and url.port is not None:
+                return url.raw_path or "/", url.raw_query_string
         except ValueError:
-            raise errors.InvalidRequest("malformed request target") from None
-        if url.raw_host:
-            return url.raw_path or "/", url.raw_query_string
+            pass
     raise errors.InvalidRequest("malformed request target")
 
 
@@ -433,9 +435,6 @@ class Connection(asyncio.Protocol):
     def _on_upgrade(self, rest: bytes) -> None:
         request = self._parsing
         assert request is not None  # noqa: S101 - an upgrade comes after a head
-        if request.method == "CONNECT":
-            self._malformed(errors.InvalidRequest("CONNECT is not supported"))
-            return
         if not websocket.is_websocket(request.headers):
             # Another protocol (h2c, ...): Upgrade is optional to honour (RFC 9110 §7.8); answer in HTTP/1.1.
             if "Transfer-Encoding" in request.headers or request.headers.get("Content-Length", "0") != "0":

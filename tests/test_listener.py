@@ -5,6 +5,7 @@ throughout, so the bytes are exactly what a client sent."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -39,8 +40,15 @@ routes:
         yield running
 
 
-async def connect(gw: RunningGateway) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    return await asyncio.open_connection("127.0.0.1", gw.ports.proxy_port)
+@contextlib.asynccontextmanager
+async def connection(gw: RunningGateway) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.ports.proxy_port)
+    try:
+        yield reader, writer
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
 
 
 async def closed_by_server(reader: asyncio.StreamReader) -> bytes:
@@ -50,71 +58,68 @@ async def closed_by_server(reader: asyncio.StreamReader) -> bytes:
 
 
 async def test_keep_alive_serves_requests_one_after_another(gw: RunningGateway, rich_upstream: RichUpstream) -> None:
-    reader, writer = await connect(gw)
-    for i in range(3):
-        writer.write(f"GET /n/{i} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        async with asyncio.timeout(10):
-            status, headers, body = await read_answer(reader)
-        assert status == 200 and "connection" not in headers
-        assert json.loads(body)["path"] == f"/n/{i}"
-    writer.close()
-    assert [r["path"] for r in rich_upstream.requests] == ["/n/0", "/n/1", "/n/2"]
+    async with connection(gw) as (reader, writer):
+        for i in range(3):
+            writer.write(f"GET /n/{i} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            async with asyncio.timeout(10):
+                status, headers, body = await read_answer(reader)
+            assert status == 200 and "connection" not in headers
+            assert json.loads(body)["path"] == f"/n/{i}"
+        assert [r["path"] for r in rich_upstream.requests] == ["/n/0", "/n/1", "/n/2"]
 
 
 async def test_pipelined_requests_are_answered_in_order(gw: RunningGateway, rich_upstream: RichUpstream) -> None:
-    reader, writer = await connect(gw)
-    # The first is slow upstream: the second must still be answered after it, not before.
-    writer.write(b"GET /slow?s=0.2 HTTP/1.1\r\nHost: x\r\n\r\nGET /second HTTP/1.1\r\nHost: x\r\n\r\n")
-    async with asyncio.timeout(10):
-        first = await read_answer(reader)
-        second = await read_answer(reader)
-    writer.close()
-    assert first[0] == 200 and first[2] == b"late"
-    assert second[0] == 200 and json.loads(second[2])["path"] == "/second"
+    async with connection(gw) as (reader, writer):
+        # The first is slow upstream: the second must still be answered after it, not before.
+        writer.write(b"GET /slow?s=0.2 HTTP/1.1\r\nHost: x\r\n\r\nGET /second HTTP/1.1\r\nHost: x\r\n\r\n")
+        async with asyncio.timeout(10):
+            first = await read_answer(reader)
+            second = await read_answer(reader)
+        assert first[0] == 200 and first[2] == b"late"
+        assert second[0] == 200 and json.loads(second[2])["path"] == "/second"
 
 
 async def test_http_1_0_closes_unless_keep_alive_is_asked(gw: RunningGateway) -> None:
-    reader, writer = await connect(gw)
-    writer.write(b"GET /a HTTP/1.0\r\n\r\n")
-    status, headers, _ = await read_answer(reader)
-    assert status == 200 and headers["connection"] == "close"
-    assert await closed_by_server(reader) == b""
+    async with connection(gw) as (reader, writer):
+        writer.write(b"GET /a HTTP/1.0\r\n\r\n")
+        status, headers, _ = await read_answer(reader)
+        assert status == 200 and headers["connection"] == "close"
+        assert await closed_by_server(reader) == b""
 
-    reader, writer = await connect(gw)
-    for path in ("/b", "/c"):
-        writer.write(f"GET {path} HTTP/1.0\r\nConnection: keep-alive\r\n\r\n".encode())
-        async with asyncio.timeout(10):
-            status, headers, body = await read_answer(reader)
-        assert status == 200 and headers["connection"] == "keep-alive"
-        assert json.loads(body)["path"] == path
-    writer.close()
+    async with connection(gw) as (reader, writer):
+        for path in ("/b", "/c"):
+            writer.write(f"GET {path} HTTP/1.0\r\nConnection: keep-alive\r\n\r\n".encode())
+            async with asyncio.timeout(10):
+                status, headers, body = await read_answer(reader)
+            assert status == 200 and headers["connection"] == "keep-alive"
+            assert json.loads(body)["path"] == path
 
 
 async def test_http_1_0_streamed_answer_ends_with_the_connection(gw: RunningGateway) -> None:
     """No chunked framing for a 1.0 client: an answer of unknown length is delimited by closing."""
-    reader, writer = await connect(gw)
-    writer.write(b"GET /bytes/200000?chunked=1 HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
-    async with asyncio.timeout(10):
-        status, headers, body = await read_answer(reader)
-    assert status == 200 and "transfer-encoding" not in headers and headers["connection"] == "close"
-    assert len(body) == 200000
+    async with connection(gw) as (reader, writer):
+        writer.write(b"GET /bytes/200000?chunked=1 HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        async with asyncio.timeout(10):
+            status, headers, body = await read_answer(reader)
+        assert status == 200 and "transfer-encoding" not in headers and headers["connection"] == "close"
+        assert len(body) == 200000
 
 
 async def test_absolute_form_target_is_routed_by_its_path(gw: RunningGateway, rich_upstream: RichUpstream) -> None:
-    reader, writer = await connect(gw)
-    writer.write(b"GET http://gw.example/abs/path?a=1&b=%20 HTTP/1.1\r\nHost: gw.example\r\n\r\n")
-    async with asyncio.timeout(10):
-        status, _, body = await read_answer(reader)
-    writer.close()
-    assert status == 200
-    assert rich_upstream.requests[-1]["raw_path"] == "/abs/path?a=1&b=%20"
+    async with connection(gw) as (reader, writer):
+        writer.write(b"GET http://gw.example/abs/path?a=1&b=%20 HTTP/1.1\r\nHost: gw.example\r\n\r\n")
+        async with asyncio.timeout(10):
+            status, _, body = await read_answer(reader)
+        assert status == 200
+        assert rich_upstream.requests[-1]["raw_path"] == "/abs/path?a=1&b=%20"
 
 
 @pytest.mark.parametrize(
     ("request_line", "description"),
     [
-        ("GET no-slash HTTP/1.1", "malformed request target"),
-        ("GET http:///no-host HTTP/1.1", "malformed request target"),
+        ("GET no-slash HTTP/1.1", "malformed HTTP request"),  # refused by llhttp itself
+        ("GET http:///no-host HTTP/1.1", "malformed request target"),  # passed by llhttp, refused by us
+        ("GET http://h:99999999/x HTTP/1.1", "malformed request target"),
         ("CONNECT gw.example:443 HTTP/1.1", "CONNECT is not supported"),
         ("GET / HTTP/9.9", "malformed HTTP request"),
     ],
@@ -122,14 +127,14 @@ async def test_absolute_form_target_is_routed_by_its_path(gw: RunningGateway, ri
 async def test_unusable_request_lines_get_400_and_the_connection_closes(
     request_line: str, description: str, gw: RunningGateway, rich_upstream: RichUpstream
 ) -> None:
-    reader, writer = await connect(gw)
-    writer.write(f"{request_line}\r\nHost: gw.example\r\n\r\n".encode())
-    async with asyncio.timeout(10):
-        status, headers, body = await read_answer(reader)
-    assert status == 400 and headers["connection"] == "close" and headers["content-type"] == "application/json"
-    assert json.loads(body) == {"error": "invalid_request", "error_description": description}
-    assert await closed_by_server(reader) == b""
-    assert rich_upstream.requests == []
+    async with connection(gw) as (reader, writer):
+        writer.write(f"{request_line}\r\nHost: gw.example\r\n\r\n".encode())
+        async with asyncio.timeout(10):
+            status, headers, body = await read_answer(reader)
+        assert status == 400 and headers["connection"] == "close" and headers["content-type"] == "application/json"
+        assert json.loads(body) == {"error": "invalid_request", "error_description": description}
+        assert await closed_by_server(reader) == b""
+        assert rich_upstream.requests == []
 
 
 async def test_upgrade_to_another_protocol_is_answered_in_http_1_1(
@@ -137,28 +142,27 @@ async def test_upgrade_to_another_protocol_is_answered_in_http_1_1(
 ) -> None:
     """Upgrade: h2c is optional to honour: the request is served as a plain one, without the Upgrade header, and
     the connection goes on in HTTP/1.1."""
-    reader, writer = await connect(gw)
-    writer.write(b"GET /h2c HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n\r\n")
-    async with asyncio.timeout(10):
-        status, _, _ = await read_answer(reader)
-        writer.write(b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n")
-        after, _, body = await read_answer(reader)
-    writer.close()
-    assert status == 200 and after == 200 and json.loads(body)["path"] == "/after"
-    seen = {name.lower() for name, _ in rich_upstream.requests[0]["header_list"]}
-    assert "upgrade" not in seen and "http2-settings" not in seen
+    async with connection(gw) as (reader, writer):
+        writer.write(b"GET /h2c HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n\r\n")
+        async with asyncio.timeout(10):
+            status, _, _ = await read_answer(reader)
+            writer.write(b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n")
+            after, _, body = await read_answer(reader)
+        assert status == 200 and after == 200 and json.loads(body)["path"] == "/after"
+        seen = {name.lower() for name, _ in rich_upstream.requests[0]["header_list"]}
+        assert "upgrade" not in seen and "http2-settings" not in seen
 
 
 async def test_upgrade_with_a_body_is_refused(gw: RunningGateway, rich_upstream: RichUpstream) -> None:
-    reader, writer = await connect(gw)
-    writer.write(
-        b"POST /h2c HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: h2c\r\nContent-Length: 3\r\n\r\nabc"
-    )
-    async with asyncio.timeout(10):
-        status, _, body = await read_answer(reader)
-    assert status == 400 and "Upgrade" in json.loads(body)["error_description"]
-    assert await closed_by_server(reader) == b""
-    assert rich_upstream.requests == []
+    async with connection(gw) as (reader, writer):
+        writer.write(
+            b"POST /h2c HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: h2c\r\nContent-Length: 3\r\n\r\nabc"
+        )
+        async with asyncio.timeout(10):
+            status, _, body = await read_answer(reader)
+        assert status == 400 and "Upgrade" in json.loads(body)["error_description"]
+        assert await closed_by_server(reader) == b""
+        assert rich_upstream.requests == []
 
 
 async def test_refused_upload_closes_the_connection_instead_of_reading_the_body(
@@ -166,79 +170,75 @@ async def test_refused_upload_closes_the_connection_instead_of_reading_the_body(
 ) -> None:
     """A 401 to a POST whose (large) body has not arrived: the unread body must not be taken for the next request,
     so the answer says Connection: close and the connection ends; nothing reached the upstream."""
-    reader, writer = await connect(gw)
-    writer.write(b"POST /secured/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n" + b"x" * 1000)
-    async with asyncio.timeout(10):
-        status, headers, body = await read_answer(reader)
-    assert status == 401 and headers["connection"] == "close"
-    assert await closed_by_server(reader) == b""
-    assert rich_upstream.requests == []
+    async with connection(gw) as (reader, writer):
+        writer.write(b"POST /secured/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n" + b"x" * 1000)
+        async with asyncio.timeout(10):
+            status, headers, body = await read_answer(reader)
+        assert status == 401 and headers["connection"] == "close"
+        assert await closed_by_server(reader) == b""
+        assert rich_upstream.requests == []
 
 
 async def test_refused_expect_continue_upload_never_asks_for_the_body(gw: RunningGateway) -> None:
-    reader, writer = await connect(gw)
-    writer.write(b"PUT /secured/f HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
-    async with asyncio.timeout(10):
-        status, headers, _ = await read_answer(reader)
-    assert status == 401 and headers["connection"] == "close"  # not "100 Continue" first
-    assert await closed_by_server(reader) == b""
+    async with connection(gw) as (reader, writer):
+        writer.write(b"PUT /secured/f HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+        async with asyncio.timeout(10):
+            status, headers, _ = await read_answer(reader)
+        assert status == 401 and headers["connection"] == "close"  # not "100 Continue" first
+        assert await closed_by_server(reader) == b""
 
 
 async def test_small_refused_body_already_read_keeps_the_connection(gw: RunningGateway) -> None:
-    reader, writer = await connect(gw)
-    writer.write(b"POST /secured/x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
-    async with asyncio.timeout(10):
-        status, headers, _ = await read_answer(reader)
-        assert status == 401 and "connection" not in headers
-        writer.write(b"GET /open HTTP/1.1\r\nHost: x\r\n\r\n")
-        status, _, _ = await read_answer(reader)
-    writer.close()
-    assert status == 200
+    async with connection(gw) as (reader, writer):
+        writer.write(b"POST /secured/x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
+        async with asyncio.timeout(10):
+            status, headers, _ = await read_answer(reader)
+            assert status == 401 and "connection" not in headers
+            writer.write(b"GET /open HTTP/1.1\r\nHost: x\r\n\r\n")
+            status, _, _ = await read_answer(reader)
+        assert status == 200
 
 
 async def test_broken_chunked_body_mid_upload_is_400_and_the_upstream_request_is_dropped(
     gw: RunningGateway, rich_upstream: RichUpstream
 ) -> None:
-    reader, writer = await connect(gw)
-    writer.write(b"POST /hash HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
-    await writer.drain()
-    writer.write(b"zz\r\nnot a chunk size\r\n")
-    async with asyncio.timeout(10):
-        status, headers, body = await read_answer(reader)
-    assert status == 400 and headers["connection"] == "close"
-    assert json.loads(body)["error_description"] == "malformed request body"
-    assert await closed_by_server(reader) == b""
-    # The upstream's request never ended: /hash records only a body it read to the end.
-    assert rich_upstream.requests == []
+    async with connection(gw) as (reader, writer):
+        writer.write(b"POST /hash HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        await writer.drain()
+        writer.write(b"zz\r\nnot a chunk size\r\n")
+        async with asyncio.timeout(10):
+            status, headers, body = await read_answer(reader)
+        assert status == 400 and headers["connection"] == "close"
+        assert json.loads(body)["error_description"] == "malformed request body"
+        assert await closed_by_server(reader) == b""
+        # The upstream's request never ended: /hash records only a body it read to the end.
+        assert rich_upstream.requests == []
 
 
 async def test_idle_connection_is_closed_after_idle_timeout(gw: RunningGateway) -> None:
     """idle_timeout is 1 s here: a connection that says nothing, one that trickles a head and never ends it, and a
     kept-alive one after its answer are all closed by the server."""
-    silent_reader, silent = await connect(gw)
-    partial_reader, partial = await connect(gw)
-    partial.write(b"GET /never-finished HTTP/1.1\r\nHost: x\r\n")
-    kept_reader, kept = await connect(gw)
-    kept.write(b"GET /once HTTP/1.1\r\nHost: x\r\n\r\n")
-    async with asyncio.timeout(10):
-        status, _, _ = await read_answer(kept_reader)
-    assert status == 200
-    assert await closed_by_server(silent_reader) == b""
-    assert await closed_by_server(partial_reader) == b""
-    assert await closed_by_server(kept_reader) == b""
-    for writer in (silent, partial, kept):
-        writer.close()
+    async with connection(gw) as (silent_reader, _), connection(gw) as (partial_reader, partial):
+        partial.write(b"GET /never-finished HTTP/1.1\r\nHost: x\r\n")
+        async with connection(gw) as (kept_reader, kept):
+            kept.write(b"GET /once HTTP/1.1\r\nHost: x\r\n\r\n")
+            async with asyncio.timeout(10):
+                status, _, _ = await read_answer(kept_reader)
+            assert status == 200
+            assert await closed_by_server(silent_reader) == b""
+            assert await closed_by_server(partial_reader) == b""
+            assert await closed_by_server(kept_reader) == b""
 
 
 async def test_client_leaving_mid_request_cancels_the_upstream_request(
     gw: RunningGateway, rich_upstream: RichUpstream
 ) -> None:
-    reader, writer = await connect(gw)
-    writer.write(b"GET /slow?s=30 HTTP/1.1\r\nHost: x\r\n\r\n")
-    async with asyncio.timeout(10):
-        await rich_upstream.slow_started.wait()
-        writer.close()
-        await rich_upstream.slow_cancelled.wait()  # the gateway dropped its upstream connection
+    async with connection(gw) as (reader, writer):
+        writer.write(b"GET /slow?s=30 HTTP/1.1\r\nHost: x\r\n\r\n")
+        async with asyncio.timeout(10):
+            await rich_upstream.slow_started.wait()
+            writer.close()
+            await rich_upstream.slow_cancelled.wait()  # the gateway dropped its upstream connection
 
 
 async def test_websocket_handshake_after_a_plain_request_on_the_same_connection(
@@ -246,17 +246,16 @@ async def test_websocket_handshake_after_a_plain_request_on_the_same_connection(
 ) -> None:
     """A WebSocket handshake pipelined behind a plain request waits for that answer, then the connection is
     handed to the WebSocket relay with the handshake intact."""
-    reader, writer = await connect(gw)
-    handshake = (
-        b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
-        b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-        b"Sec-WebSocket-Protocol: chat.v2\r\n\r\n"
-    )
-    writer.write(b"GET /slow?s=0.2 HTTP/1.1\r\nHost: x\r\n\r\n" + handshake)
-    async with asyncio.timeout(10):
-        first = await read_answer(reader)
-        switching = await reader.readuntil(b"\r\n\r\n")
-    assert first[0] == 200 and first[2] == b"late"
-    assert switching.startswith(b"HTTP/1.1 101 ")
-    assert b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in switching  # RFC 6455's accept value for that key
-    writer.close()
+    async with connection(gw) as (reader, writer):
+        handshake = (
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+            b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Protocol: chat.v2\r\n\r\n"
+        )
+        writer.write(b"GET /slow?s=0.2 HTTP/1.1\r\nHost: x\r\n\r\n" + handshake)
+        async with asyncio.timeout(10):
+            first = await read_answer(reader)
+            switching = await reader.readuntil(b"\r\n\r\n")
+        assert first[0] == 200 and first[2] == b"late"
+        assert switching.startswith(b"HTTP/1.1 101 ")
+        assert b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in switching  # RFC 6455's accept value for that key
