@@ -18,7 +18,9 @@ import collections
 import json
 import logging
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from email.utils import formatdate
 from http import HTTPStatus
 from typing import Protocol, cast
 
@@ -182,18 +184,20 @@ class Request:
             self.body.expect_continue = False
             self._connection.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
-    def respond(self, status: int, reason: str, headers: Iterable[tuple[str, str]], body: bytes = b"") -> None:
-        """A whole answer in one write (no body sent for HEAD, 204 and 304)."""
+    def respond(
+        self, status: int, reason: str, headers: Iterable[tuple[str, str]], body: bytes = b"", dated: bool = False
+    ) -> None:
+        """A whole answer in one write (no body sent for HEAD, 204 and 304). `dated`: it has a Date header."""
         bodyless = self.method == "HEAD" or status in _NO_BODY_STATUSES
-        head = self._head(status, reason, headers, None if status in _NO_BODY_STATUSES else len(body))
+        head = self._head(status, reason, headers, None if status in _NO_BODY_STATUSES else len(body), dated)
         self._connection.write(head if bodyless else head + body)
         self.finished = True
 
     def respond_bodyless(
-        self, status: int, reason: str, headers: Iterable[tuple[str, str]], length: int | None
+        self, status: int, reason: str, headers: Iterable[tuple[str, str]], length: int | None, dated: bool
     ) -> None:
         """A relayed answer without a body (to HEAD, or 204/304), announcing the upstream's length if it gave one."""
-        self._connection.write(self._head(status, reason, headers, length))
+        self._connection.write(self._head(status, reason, headers, length, dated))
         self.finished = True
 
     def send(self, response: web.Response) -> None:
@@ -203,14 +207,16 @@ class Request:
             response.status, response.reason, response.headers.items(), body if isinstance(body, bytes) else b""
         )
 
-    def start(self, status: int, reason: str, headers: Iterable[tuple[str, str]], length: int | None) -> None:
+    def start(
+        self, status: int, reason: str, headers: Iterable[tuple[str, str]], length: int | None, dated: bool
+    ) -> None:
         """Begin a streamed answer: without a length it is chunked (HTTP/1.1) or ends with the connection (1.0)."""
         if length is None and self.method != "HEAD":
             if self.version == "1.1":
                 self._chunked = True
             else:
                 self.keep_alive = False
-        self._connection.write(self._head(status, reason, headers, length))
+        self._connection.write(self._head(status, reason, headers, length, dated))
 
     async def write(self, chunk: bytes) -> None:
         if not chunk or self.method == "HEAD":
@@ -228,7 +234,9 @@ class Request:
         self.keep_alive = False
         self._connection.close()
 
-    def _head(self, status: int, reason: str, headers: Iterable[tuple[str, str]], length: int | None) -> bytes:
+    def _head(
+        self, status: int, reason: str, headers: Iterable[tuple[str, str]], length: int | None, dated: bool
+    ) -> bytes:
         self.status = status
         connection = self._connection
         # An unread body (a refused upload) would be taken for the next request: close after this answer.
@@ -236,6 +244,8 @@ class Request:
             self.keep_alive = False
         lines = [f"HTTP/1.1 {status} {reason or _phrase(status)}"]
         lines.extend(f"{name}: {value}" for name, value in headers)
+        if not dated:  # RFC 9110 §6.6.1: answers we make, and relayed ones that lack it, get a Date
+            lines.append(f"Date: {_http_date()}")
         if length is not None:
             lines.append(f"Content-Length: {length}")
         elif self._chunked:
@@ -245,6 +255,17 @@ class Request:
         elif self.version == "1.0":
             lines.append("Connection: keep-alive")
         return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
+
+
+_date_cache: tuple[int, str] = (0, "")
+
+
+def _http_date() -> str:
+    global _date_cache  # noqa: PLW0603 - one formatted date per second, shared by every answer
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, formatdate(now, usegmt=True))
+    return _date_cache[1]
 
 
 def _phrase(status: int) -> str:

@@ -213,13 +213,21 @@ async def _send(
     head = upstream_client.encode_head(
         request.method, upstream.target_path(request.raw_path, request.raw_query), headers.items()
     )
+    deadline = asyncio.get_running_loop().time() + upstream.timeout
     try:
-        async with asyncio.timeout(upstream.timeout):
-            connection, answer = await upstream_client.request(pool, head, body, chunked, upstream.connect_timeout)
+        if body is None:  # the common case: the client only times the wait for the answer
+            connection, answer = await upstream_client.request(
+                pool, head, None, False, upstream.connect_timeout, deadline
+            )
+        else:  # sending the body is timed too: it waits on the client as well as on the upstream
+            async with asyncio.timeout_at(deadline):
+                connection, answer = await upstream_client.request(
+                    pool, head, body, chunked, upstream.connect_timeout, deadline
+                )
     except upstream_client.UpstreamFailed as exc:
         log.warning("upstream request failed", extra={"upstream": upstream.origin, "error": str(exc)})
         raise errors.UpstreamUnavailable() from None
-    except TimeoutError:
+    except (TimeoutError, upstream_client.UpstreamTimedOut):
         raise errors.UpstreamTimeout() from None
     return answer, connection.abandon
 
@@ -276,22 +284,24 @@ class _AiohttpAnswer:
 async def _relay(request: Request, answer: _Answer) -> None:
     headers: list[tuple[str, str]] = []
     named: set[str] = set()  # headers the upstream's Connection header names are hop-by-hop too
+    dated = False
     for name, value in answer.headers:
         lower = name.lower()
         if lower == "connection":
             named.update(token.strip().lower() for token in value.split(","))
         elif lower not in HOP_BY_HOP and lower != "content-length":
             headers.append((name, value))
+            dated = dated or lower == "date"
     if named:
         headers = [(name, value) for name, value in headers if name.lower() not in named]
     length = answer.content_length
     if request.method == "HEAD" or answer.status in _NO_BODY_STATUSES:
-        request.respond_bodyless(answer.status, answer.reason, headers, length)
+        request.respond_bodyless(answer.status, answer.reason, headers, length, dated)
         return
     if length is not None and length <= _SMALL_BODY:
-        request.respond(answer.status, answer.reason, headers, await _read(answer))
+        request.respond(answer.status, answer.reason, headers, await _read(answer), dated)
         return
-    request.start(answer.status, answer.reason, headers, length)
+    request.start(answer.status, answer.reason, headers, length, dated)
     try:
         async for chunk in answer.chunks():
             await request.write(chunk)  # waits while the client's socket buffer is full: memory stays flat

@@ -259,3 +259,13 @@ async def test_websocket_handshake_after_a_plain_request_on_the_same_connection(
         assert first[0] == 200 and first[2] == b"late"
         assert switching.startswith(b"HTTP/1.1 101 ")
         assert b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in switching  # RFC 6455's accept value for that key
+
+
+async def test_answers_carry_one_date(gw: RunningGateway) -> None:
+    """RFC 9110 §6.6.1: the gateway's own answers get a Date; relayed ones keep the upstream's, never two."""
+    async with connection(gw) as (reader, writer):
+        for path in ("/secured/x", "/open"):  # a 401 made here, a 200 relayed from the upstream
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            async with asyncio.timeout(10):
+                _, headers, _ = await read_answer(reader)
+            assert headers["date"].endswith(" GMT") and headers["date"].count("GMT") == 1

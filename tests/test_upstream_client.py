@@ -178,3 +178,44 @@ async def test_chunked_request_body_is_framed_and_large_response_pauses_reading(
             total += len(chunk)
         assert total == size
         pool.close()
+
+
+async def test_no_answer_by_the_deadline_fails_and_closes_the_connection() -> None:
+    """The deadline is a timer on the connection (no asyncio.timeout on the hot path): past it the request fails
+    with UpstreamTimedOut, the connection is closed (the upstream sees EOF) and never goes back to the pool."""
+    upstream_saw_eof = asyncio.Event()
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        if await reader.read() == b"":  # never answers; waits for the gateway to hang up
+            upstream_saw_eof.set()
+
+    async with RawServer(script) as server:
+        pool = upstream.Pool("127.0.0.1", server.port, None)
+        loop = asyncio.get_running_loop()
+        with pytest.raises(upstream.UpstreamTimedOut):
+            await upstream.request(pool, head(), None, False, 2, deadline=loop.time() + 0.2)
+        async with asyncio.timeout(5):
+            await upstream_saw_eof.wait()
+        assert pool.get_idle() is None
+
+
+async def test_an_answer_before_the_deadline_cancels_the_timer() -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for _ in range(3):
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await reader.read()
+
+    async with RawServer(script) as server:
+        pool = upstream.Pool("127.0.0.1", server.port, None)
+        loop = asyncio.get_running_loop()
+        for _ in range(2):
+            connection, response = await upstream.request(pool, head(), None, False, 2, deadline=loop.time() + 0.05)
+            assert (response.status, await response.read()) == (200, b"ok")
+        # Past those deadlines the kept-alive connection is still open and reusable: the timers were cancelled.
+        await asyncio.sleep(0.1)  # proves an absence: nothing to wait on but the clock
+        assert not connection.closed
+        connection2, response = await upstream.request(pool, head(), None, False, 2, deadline=loop.time() + 1)
+        assert connection2 is connection and (response.status, await response.read()) == (200, b"ok")
+        pool.close()
