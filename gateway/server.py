@@ -139,9 +139,10 @@ class Server:
 
 
 class _JsonErrors(web.RequestHandler):
-    """aiohttp answers a request it cannot parse with a text/plain 400 that quotes the offending bytes back: a header
-    line with its bearer token, a request line with its query string. Answer in the gateway's JSON error format
-    instead, quoting nothing (the log line is kept, minus the bytes: see logs.MalformedRequests)."""
+    """For the connections the listener hands to aiohttp (WebSocket handshakes and what follows them on the same
+    connection). aiohttp answers a request it cannot parse with a text/plain 400 that quotes the offending bytes
+    back: a header line with its bearer token, a request line with its query string. Answer in the gateway's JSON
+    error format instead, quoting nothing (the log line is kept, minus the bytes: see logs.MalformedRequests)."""
 
     def handle_error(
         self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None
