@@ -591,6 +591,12 @@ class Listener:
             self._server.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
+        # WebSocket connections (aiohttp's) drain alongside, within the same time.
+        await asyncio.gather(self._drain(drain_seconds), self.aiohttp_server.shutdown(drain_seconds))
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def _drain(self, drain_seconds: float) -> None:
         self._all_closed = asyncio.Event()
         for connection in list(self.connections):
             connection.shut_down()
@@ -604,6 +610,3 @@ class Listener:
         for connection in list(self.connections):
             if connection.transport is not None:
                 connection.transport.abort()
-        await self.aiohttp_server.shutdown(drain_seconds)
-        if self._server is not None:
-            await self._server.wait_closed()
