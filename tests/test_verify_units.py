@@ -18,7 +18,7 @@ from gateway.config import IssuerSettings
 from gateway.metrics import Metrics
 from gateway.verify.cache import TokenCache, token_digest
 from gateway.verify.jwks import IssuerKeys
-from gateway.verify.jwt_local import JwtVerifier, NotMine, Verified, _b64decode, _typ_matches
+from gateway.verify.jwt_local import JwtVerifier, NotMine, Verified, _b64decode, _peek, _typ_matches
 from gateway.verify.keys import KeySet, VerificationKey, algorithms_for, from_jwks, from_pem_file
 from tests.support import AUDIENCE, ISSUER, Key, b64, self_signed_cert
 
@@ -271,6 +271,32 @@ def test_b64decode_accepts_only_canonical_unpadded_base64url(segment: str, ok: b
     else:
         with pytest.raises(ValueError):
             _b64decode(segment)
+
+
+def test_b64decode_matches_a_decode_encode_round_trip_on_every_last_character() -> None:
+    """The canonical check looks only at the last character's unused bits; it must refuse exactly what a
+    decode-then-encode comparison refuses, for every length class and every final character."""
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    for prefix in ("", "e", "ey", "eyJ", "eyJh"):
+        for last in alphabet:
+            segment = prefix + last
+            try:
+                expected: bytes | None = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+                if base64.urlsafe_b64encode(expected).rstrip(b"=").decode() != segment:
+                    expected = None
+            except ValueError:
+                expected = None
+            try:
+                got: bytes | None = _b64decode(segment)
+            except ValueError:
+                got = None
+            assert got == expected, segment
+
+
+def test_a_jose_header_not_in_utf8_is_malformed() -> None:
+    utf16_header = base64.urlsafe_b64encode('{"alg":"RS256"}'.encode("utf-16")).rstrip(b"=").decode()
+    with pytest.raises(NotMine):
+        _peek(f"{utf16_header}.eyJhIjoxfQ.c2ln")
 
 
 @pytest.mark.parametrize(

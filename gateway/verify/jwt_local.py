@@ -161,8 +161,9 @@ def _peek(token: str) -> tuple[dict[str, Any], dict[str, Any], bytes]:
     if len(parts) != 3:
         raise NotMine(errors.Malformed())
     try:
-        header = json.loads(_b64decode(parts[0]))
-        claims = json.loads(_b64decode(parts[1]))
+        # UTF-8 only (RFC 7515 §5.2), decoded here: json.loads would first sniff bytes for UTF-16 and -32.
+        header = json.loads(_b64decode(parts[0]).decode("utf-8"))
+        claims = json.loads(_b64decode(parts[1]).decode("utf-8"))
         signature = _b64decode(parts[2])
     except (ValueError, binascii.Error, RecursionError):  # RecursionError: JSON nested deeper than Python recurses
         raise NotMine(errors.Malformed()) from None
