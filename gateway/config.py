@@ -63,6 +63,7 @@ class ListenSettings(Model):
     drain_timeout: Duration = Field(20.0, description="On SIGTERM, how long in-flight requests may finish.")
     idle_timeout: Duration = Field(
         75.0,
+        gt=0,
         description="Close a client connection with no request under way after this long (this also bounds the "
         "time a request head may take to arrive).",
     )

@@ -36,6 +36,11 @@ log = logging.getLogger(__name__)
 BODY_LIMIT = 256 * 1024  # request body bytes buffered before reading from the client pauses
 _HEAD_LINES_FACTOR = 8  # a whole request head may be 8 × max_header_bytes
 _NO_BODY_STATUSES = frozenset({204, 304})
+_LINGER_SECONDS = 2.0  # after an answer that ends a connection early, how long the client's late bytes are read
+_LINGER_BYTES = 16 * 1024 * 1024  # ... and how many, at most
+MAX_HEADERS = 128  # per request head, as aiohttp's server (more: 431)
+# Headers a request may carry once (aiohttp's list, less those llhttp already checks).
+_SINGLETONS = ("Host", "Content-Location", "Content-Range", "Content-Type", "ETag", "Max-Forwards", "User-Agent")
 
 
 class RequestView(Protocol):
@@ -105,6 +110,12 @@ class Body:
                 return
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
+
+    def discard(self) -> None:
+        """Drop what was not read (the answer is out): reading from the client goes on."""
+        self._chunks.clear()
+        self._buffered = 0
+        self._connection.hold_reading("body", False)
 
     async def read(self, limit: int) -> bytes | None:
         """The whole body, or None when it is longer than `limit`."""
@@ -268,6 +279,20 @@ def _http_date() -> str:
     return _date_cache[1]
 
 
+def _check_head(headers: CIMultiDict[str], version: str) -> None:
+    """What llhttp leaves to us: Host (RFC 9112 §3.2), headers that may appear once (as aiohttp refuses them), and
+    a Transfer-Encoding that does not end in chunked (RFC 9112 §6.3; llhttp finds it only after this head is
+    handed on, when the request could already be on its way upstream)."""
+    if version == "1.1" and "Host" not in headers:
+        raise errors.InvalidRequest("an HTTP/1.1 request needs a Host header")
+    for name in _SINGLETONS:
+        if len(headers.getall(name, ())) > 1:
+            raise errors.InvalidRequest(f"{name} appears more than once")
+    codings = ",".join(headers.getall("Transfer-Encoding", ()))
+    if codings and codings.rsplit(",", 1)[-1].strip().lower() != "chunked":
+        raise errors.InvalidRequest("Transfer-Encoding must end in chunked")
+
+
 def _phrase(status: int) -> str:
     try:
         return HTTPStatus(status).phrase
@@ -320,6 +345,9 @@ class Connection(asyncio.Protocol):
         self._writable: asyncio.Future[None] | None = None
         self._upgrade: bytes | None = None  # a WebSocket head waiting for the answers before it
         self._broken = False  # the parser failed: nothing more is read
+        self._lingering = False  # answered and closing: what the client still sends is read and dropped
+        self._lingered = 0
+        self._linger_timer: asyncio.TimerHandle | None = None
 
     # --- asyncio.Protocol -------------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -333,6 +361,11 @@ class Connection(asyncio.Protocol):
         self.listener.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            self._lingered += len(data)
+            if self._lingered > _LINGER_BYTES:
+                self.close()
+            return
         if self._upgrade is not None:  # the parser stopped at a WebSocket head that waits its turn
             self._upgrade += data
             return
@@ -349,6 +382,8 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
         self.listener.forget(self)
         gone = ConnectionResetError("the client closed the connection")
         for request in (self._parsing, self._current, *self._queue):
@@ -384,6 +419,8 @@ class Connection(asyncio.Protocol):
         self._head_bytes += size
         if size > self.listener.max_line or self._head_bytes > self.listener.max_line * _HEAD_LINES_FACTOR:
             raise HeadTooLarge("request header too large")
+        if len(self._headers) >= MAX_HEADERS:
+            raise HeadTooLarge("too many request headers")
         # As aiohttp decodes them: upstream.encode_head turns them back into the very bytes the client sent.
         self._headers.append((name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
 
@@ -391,6 +428,7 @@ class Connection(asyncio.Protocol):
         parser = self.parser
         method = parser.get_method().decode("ascii", "replace")
         headers = CIMultiDict(self._headers)
+        _check_head(headers, parser.get_http_version())
         target = self._url.decode("utf-8", "surrogateescape")
         request = Request(self, method, parser.get_http_version(), target, headers, parser.should_keep_alive())
         self._parsing = request
@@ -398,7 +436,10 @@ class Connection(asyncio.Protocol):
             return  # decided once the parser stops after this head (data_received: HttpParserUpgrade)
         if "Transfer-Encoding" in headers or headers.get("Content-Length", "0") not in ("0", ""):
             request.body = Body(self)
-            request.body.expect_continue = headers.get("Expect", "").lower() == "100-continue"
+            # An HTTP/1.0 client would take the interim answer for the final one (RFC 9110 §15.2).
+            request.body.expect_continue = (
+                request.version == "1.1" and headers.get("Expect", "").lower() == "100-continue"
+            )
         self._accept(request)
 
     def _accept(self, request: Request) -> None:
@@ -441,8 +482,13 @@ class Connection(asyncio.Protocol):
         self._current = None
         if self.lost:
             return
+        if request.body is not None:
+            request.body.discard()  # answered without reading it all: what arrived must not hold reading paused
         if not request.keep_alive or self.closing:
-            self.close()
+            if request.body is not None and not request.body.complete:
+                self._linger()  # the rest of a refused upload may still be on its way
+            else:
+                self.close()
             return
         if self._queue:
             if len(self._queue) == 1:
@@ -512,7 +558,7 @@ class Connection(asyncio.Protocol):
         body = json.dumps(error.body()).encode()
         head = f"HTTP/1.1 {error.status} {_phrase(error.status)}\r\nContent-Type: application/json\r\n"
         self.write(f"{head}Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
-        self.close()
+        self._linger()
 
     # --- used by Request and Body ----------------------------------------------------------------------------
     def write(self, data: bytes) -> None:
@@ -541,6 +587,19 @@ class Connection(asyncio.Protocol):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+    def _linger(self) -> None:
+        """Close after an answer while the client may still be sending (a refused upload, a bad head). Closing a
+        socket with unread data makes the kernel send a reset, which can destroy the answer before the client has
+        read it: so say we are done writing, read and drop what comes for a while, then close."""
+        if self.transport is None or self.lost:
+            return
+        self._lingering = True
+        self._holds.clear()
+        self.transport.resume_reading()
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self._linger_timer = self.listener.loop.call_later(_LINGER_SECONDS, self.close)
 
     def shut_down(self) -> None:
         """Draining: close now if idle, else after the answer under way."""
@@ -578,7 +637,7 @@ class Listener:
     async def _sweep(self) -> None:
         # A sweep rather than a timer per connection: no timer to arm and cancel on every request.
         while True:
-            await asyncio.sleep(min(5.0, self.idle_timeout / 4))
+            await asyncio.sleep(min(5.0, max(0.25, self.idle_timeout / 4)))
             deadline = self.loop.time() - self.idle_timeout
             for connection in list(self.connections):
                 if connection.idle_since is not None and connection.idle_since < deadline:

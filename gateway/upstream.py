@@ -219,6 +219,8 @@ class Connection(asyncio.Protocol):
         self._error = error
         if self._headers_ready is not None and not self._headers_ready.done():
             self._headers_ready.set_exception(error)
+            # Nobody may await it (the client's body broke off while being sent): not an unretrieved exception.
+            self._headers_ready.exception()
         self._wake_body()
 
     def _wake_body(self) -> None:

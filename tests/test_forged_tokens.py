@@ -719,6 +719,18 @@ ROWS: list[Row] = [
         401, DENY, "crit",
     ),
     Row(
+        "b64-false-without-crit",
+        "A validly signed token whose header says b64: false (RFC 7797) without crit is refused, as pyjwt does.",
+        lambda k: sign_jws(k.rsa.private, "RS256", {"alg": "RS256", "kid": "rsa-1", "b64": False}, claims_for()),
+        401, DENY, "malformed",
+    ),
+    Row(
+        "kid-null",
+        "A validly signed token with \"kid\": null is refused (a kid is a string), as pyjwt does.",
+        lambda k: sign_jws(k.rsa.private, "RS256", {"alg": "RS256", "kid": None}, claims_for()),
+        401, DENY, "malformed",
+    ),
+    Row(
         "typ-jwt-on-at-jwt-route",
         "On a route whose issuer requires typ at+jwt, a typ JWT token (such as an ID token) is refused.",
         lambda k: strict_token(k, typ="JWT"),

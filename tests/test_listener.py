@@ -137,6 +137,72 @@ async def test_unusable_request_lines_get_400_and_the_connection_closes(
         assert rich_upstream.requests == []
 
 
+@pytest.mark.parametrize(
+    ("head", "description"),
+    [
+        ("GET /a HTTP/1.1\r\n", "an HTTP/1.1 request needs a Host header"),
+        ("GET /a HTTP/1.1\r\nHost: x\r\nHost: y\r\n", "Host appears more than once"),
+        ("GET /a HTTP/1.1\r\nHost: x\r\nUser-Agent: a\r\nUser-Agent: b\r\n", "User-Agent appears more than once"),
+        # llhttp would find this only after the head went upstream
+        ("POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: xchunked\r\n", "Transfer-Encoding must end in chunked"),
+        (
+            "POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, gzip\r\n",
+            "malformed HTTP request",  # refused by llhttp itself
+        ),
+    ],
+)
+async def test_heads_llhttp_passes_but_http_forbids_get_400(
+    head: str, description: str, gw: RunningGateway, rich_upstream: RichUpstream
+) -> None:
+    async with connection(gw) as (reader, writer):
+        writer.write(head.encode() + b"\r\n5\r\nhello\r\n0\r\n\r\n")
+        async with asyncio.timeout(10):
+            status, headers, body = await read_answer(reader)
+        assert status == 400 and headers["connection"] == "close"
+        assert json.loads(body) == {"error": "invalid_request", "error_description": description}
+        assert await closed_by_server(reader) == b""
+    assert rich_upstream.requests == []
+
+
+async def test_too_many_headers_get_431(gw: RunningGateway, rich_upstream: RichUpstream) -> None:
+    async with connection(gw) as (reader, writer):
+        writer.write(b"GET /a HTTP/1.1\r\nHost: x\r\n" + b"a: b\r\n" * 200 + b"\r\n")
+        async with asyncio.timeout(10):
+            status, _, body = await read_answer(reader)
+        assert status == 431 and json.loads(body)["error_description"] == "request header fields too large"
+    assert rich_upstream.requests == []
+
+
+async def test_http_1_0_client_is_never_told_100_continue(gw: RunningGateway) -> None:
+    async with connection(gw) as (reader, writer):
+        writer.write(b"POST /e HTTP/1.0\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+        await writer.drain()
+        writer.write(b"hello")  # a 1.0 client sends its body without waiting
+        async with asyncio.timeout(10):
+            status, _, body = await read_answer(reader)
+        assert status == 200 and json.loads(body)["body_length"] == 5  # the first answer is the final one
+
+
+async def test_body_answered_unread_does_not_stall_the_connection(
+    gw: RunningGateway, rich_upstream: RichUpstream
+) -> None:
+    """A whole body larger than the read buffer arrives, the answer (401) never reads it: the connection stays
+    usable for the next request (reading was paused while the body waited, and must resume)."""
+    body = b"x" * 600_000
+    async with connection(gw) as (reader, writer):
+        writer.write(b"POST /secured/x HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        await writer.drain()
+        async with asyncio.timeout(10):
+            status, headers, _ = await read_answer(reader)
+            assert status == 401
+            if headers.get("connection") == "close":  # the body had not all arrived when the answer went out
+                assert await closed_by_server(reader) == b""
+                return
+            writer.write(b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n")
+            status, _, answer = await read_answer(reader)
+        assert status == 200 and json.loads(answer)["path"] == "/after"
+
+
 async def test_upgrade_to_another_protocol_is_answered_in_http_1_1(
     gw: RunningGateway, rich_upstream: RichUpstream
 ) -> None:

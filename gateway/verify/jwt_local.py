@@ -93,8 +93,8 @@ class JwtVerifier:
         if settings.require_typ is not None and not _typ_matches(header.get("typ"), settings.require_typ):
             raise errors.WrongType()
         kid = header.get("kid")
-        if kid is not None and not isinstance(kid, str):
-            raise errors.Malformed()
+        if ("kid" in header and not isinstance(kid, str)) or header.get("b64", True) is not True:
+            raise errors.Malformed()  # as pyjwt: a kid is a string; an unencoded payload (RFC 7797) is not a JWT
         times = [claims[name] for name in ("exp", "nbf", "iat") if claims.get(name) is not None]
         if not all(_is_numeric_date(value) for value in times):
             # pyjwt would take "exp": "1700000000" (it calls int()), and 10**400 later overflows float():
