@@ -39,8 +39,10 @@ _NO_BODY_STATUSES = frozenset({204, 304})
 _LINGER_SECONDS = 2.0  # after an answer that ends a connection early, how long the client's late bytes are read
 _LINGER_BYTES = 16 * 1024 * 1024  # ... and how many, at most
 MAX_HEADERS = 128  # per request head, as aiohttp's server (more: 431)
-# Headers a request may carry once (aiohttp's list, less those llhttp already checks).
-_SINGLETONS = ("Host", "Content-Location", "Content-Range", "Content-Type", "ETag", "Max-Forwards", "User-Agent")
+# Headers a request may carry once (aiohttp's list, less those llhttp already checks), lower-case.
+_SINGLETONS = frozenset(
+    {b"host", b"content-location", b"content-range", b"content-type", b"etag", b"max-forwards", b"user-agent"}
+)
 
 
 class RequestView(Protocol):
@@ -280,14 +282,10 @@ def _http_date() -> str:
 
 
 def _check_head(headers: CIMultiDict[str], version: str) -> None:
-    """What llhttp leaves to us: Host (RFC 9112 §3.2), headers that may appear once (as aiohttp refuses them), and
-    a Transfer-Encoding that does not end in chunked (RFC 9112 §6.3; llhttp finds it only after this head is
+    """What llhttp leaves to us (with on_header's singleton check): Host (RFC 9112 §3.2), and a Transfer-Encoding that does not end in chunked (RFC 9112 §6.3; llhttp finds it only after this head is
     handed on, when the request could already be on its way upstream)."""
     if version == "1.1" and "Host" not in headers:
         raise errors.InvalidRequest("an HTTP/1.1 request needs a Host header")
-    for name in _SINGLETONS:
-        if len(headers.getall(name, ())) > 1:
-            raise errors.InvalidRequest(f"{name} appears more than once")
     codings = ",".join(headers.getall("Transfer-Encoding", ()))
     if codings and codings.rsplit(",", 1)[-1].strip().lower() != "chunked":
         raise errors.InvalidRequest("Transfer-Encoding must end in chunked")
@@ -337,6 +335,7 @@ class Connection(asyncio.Protocol):
         self._url = b""
         self._headers: list[tuple[str, str]] = []
         self._head_bytes = 0
+        self._singletons: set[bytes] = set()
         self._parsing: Request | None = None  # the request whose body the parser is reading
         self._current: Request | None = None  # the request being served
         self._queue: collections.deque[Request] = collections.deque()
@@ -408,6 +407,7 @@ class Connection(asyncio.Protocol):
         self._url = b""
         self._headers = []
         self._head_bytes = 0
+        self._singletons.clear()
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -421,6 +421,11 @@ class Connection(asyncio.Protocol):
             raise HeadTooLarge("request header too large")
         if len(self._headers) >= MAX_HEADERS:
             raise HeadTooLarge("too many request headers")
+        lower = name.lower()
+        if lower in _SINGLETONS:
+            if lower in self._singletons:
+                raise errors.InvalidRequest(f"{name.decode('latin-1')} appears more than once")
+            self._singletons.add(lower)
         # As aiohttp decodes them: upstream.encode_head turns them back into the very bytes the client sent.
         self._headers.append((name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
 
