@@ -30,6 +30,7 @@ from multidict import CIMultiDict, MultiDictProxy, MultiMapping
 from yarl import URL
 
 from gateway import errors, websocket
+from gateway.upstream import encode_head
 
 log = logging.getLogger(__name__)
 
@@ -291,6 +292,10 @@ def _check_head(headers: CIMultiDict[str], version: str) -> None:
         raise errors.InvalidRequest("Transfer-Encoding must end in chunked")
 
 
+def _has_body(headers: CIMultiDict[str]) -> bool:
+    return "Transfer-Encoding" in headers or headers.get("Content-Length", "0") not in ("0", "")
+
+
 def _phrase(status: int) -> str:
     try:
         return HTTPStatus(status).phrase
@@ -439,7 +444,7 @@ class Connection(asyncio.Protocol):
         self._parsing = request
         if parser.should_upgrade():
             return  # decided once the parser stops after this head (data_received: HttpParserUpgrade)
-        if "Transfer-Encoding" in headers or headers.get("Content-Length", "0") not in ("0", ""):
+        if _has_body(headers):
             request.body = Body(self)
             # An HTTP/1.0 client would take the interim answer for the final one (RFC 9110 §15.2).
             request.body.expect_continue = (
@@ -509,7 +514,7 @@ class Connection(asyncio.Protocol):
         assert request is not None  # noqa: S101 - an upgrade comes after a head
         if not websocket.is_websocket(request.headers):
             # Another protocol (h2c, ...): Upgrade is optional to honour (RFC 9110 §7.8); answer in HTTP/1.1.
-            if "Transfer-Encoding" in request.headers or request.headers.get("Content-Length", "0") != "0":
+            if _has_body(request.headers):
                 self._malformed(errors.InvalidRequest("an Upgrade request cannot carry a body here"))
                 return
             self.parser = httptools.HttpRequestParser(self)  # llhttp stops parsing after an upgrade
@@ -517,9 +522,8 @@ class Connection(asyncio.Protocol):
             if rest:
                 self.data_received(rest)
             return
-        lines = [f"{request.method} {self._url.decode('utf-8', 'surrogateescape')} HTTP/{request.version}"]
-        lines.extend(f"{name}: {value}" for name, value in self._headers)
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape") + rest
+        target = self._url.decode("utf-8", "surrogateescape")
+        head = encode_head(request.method, target, self._headers, request.version) + rest
         if self._current is None:
             self._hand_over(head)
         else:

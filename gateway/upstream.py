@@ -321,8 +321,8 @@ async def request(
         raise
 
 
-def encode_head(method: str, target: str, headers: Iterable[tuple[str, str]]) -> bytes:
-    lines = [f"{method} {target} HTTP/1.1"]
+def encode_head(method: str, target: str, headers: Iterable[tuple[str, str]], version: str = "1.1") -> bytes:
+    lines = [f"{method} {target} HTTP/{version}"]
     lines.extend(f"{name}: {value}" for name, value in headers)
     # aiohttp decoded the client's headers as UTF-8 with surrogateescape: this gives back the very bytes it sent.
     return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
