@@ -130,7 +130,7 @@ def page_params(request: web.Request) -> tuple[int, int]:
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    body = exposition(request.app[RUNTIME].metrics.registry)
+    body = exposition(request.app[RUNTIME].metrics)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

@@ -325,7 +325,8 @@ class Handler:
         assert route.judge is not None  # noqa: S101 - callers check
         try:
             token = bearer.extract(request, route.token, route.max_token_bytes)
-            identity = await route.judge.judge(token)
+            judged = route.judge.judge(token)
+            identity = judged if isinstance(judged, Identity) else await judged
         except errors.GatewayError as exc:
             route.metrics.denied("error" if exc.status >= 500 else "deny", exc.reason)
             raise

@@ -6,10 +6,15 @@ Never a path, a subject or a token.
 
 from __future__ import annotations
 
+import asyncio
 import os
+from bisect import bisect_left
+from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 # The *_created series double every counter's output and no dashboard uses them.
 disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in prometheus_client
@@ -38,21 +43,95 @@ def multiprocess() -> bool:
     return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
 
-def exposition(registry: CollectorRegistry) -> bytes:
+# In --workers mode every worker writes what it counted to the shared files this often, and when it stops.
+FLUSH_INTERVAL = 1.0
+
+
+def exposition(metrics: Metrics) -> bytes:
     """What /metrics serves: this process's registry, or the sum of every worker's in multiprocess mode."""
     if multiprocess():
         from prometheus_client import multiprocess as mp
 
+        metrics.flush()
         combined = CollectorRegistry()
         mp.MultiProcessCollector(combined)  # type: ignore[no-untyped-call]  # untyped in prometheus_client
         return generate_latest(combined)
-    return generate_latest(registry)
+    return generate_latest(metrics.registry)
+
+
+class BatchedCounter:
+    """A counter child incremented in a plain int and added to prometheus_client's value at flush.
+
+    prometheus_client takes a lock per increment (and in multiprocess mode writes a shared file): ~0.6 µs, and a
+    proxied request counts five or six things. This costs ~0.1 µs."""
+
+    __slots__ = ("_child", "pending")
+
+    def __init__(self, child: Any) -> None:
+        self._child = child
+        self.pending = 0
+
+    def inc(self) -> None:
+        self.pending += 1
+
+    def flush(self) -> None:
+        if self.pending:
+            pending, self.pending = self.pending, 0
+            self._child.inc(pending)
+
+
+class BatchedHistogram:
+    """A histogram child observed into plain per-bucket counts, added to prometheus_client's values at flush
+    (an `observe` there costs ~1.2 µs: a lock per value and a Python loop over the buckets).
+
+    Flushing writes the child's bucket and sum values directly: prometheus_client has no bulk observe. Its layout
+    (`_upper_bounds`, `_buckets`, `_sum`, one value per bucket, not cumulative) is pinned by a test against
+    `observe` itself, in both single- and multiprocess mode."""
+
+    __slots__ = ("_child", "_bounds", "_counts", "_sum")
+
+    def __init__(self, child: Any) -> None:
+        self._child = child
+        self._bounds: list[float] = list(child._upper_bounds)
+        self._counts = [0] * len(self._bounds)
+        self._sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        # The first bucket whose upper bound is >= the value, as prometheus_client's `amount <= bound`.
+        self._counts[bisect_left(self._bounds, seconds)] += 1
+        self._sum += seconds
+
+    def flush(self) -> None:
+        counts = self._counts
+        if not any(counts):
+            return
+        self._counts = [0] * len(counts)
+        total, self._sum = self._sum, 0.0
+        for bucket, count in zip(self._child._buckets, counts, strict=True):
+            if count:
+                bucket.inc(count)
+        self._child._sum.inc(total)
+
+
+class _FlushFirst(Collector):
+    """Registered before every other collector: whatever reads the registry (an exposition, get_sample_value)
+    sees the batched counts first."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        self._metrics.flush()
+        return ()
 
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        # By the child's id: prometheus_client keeps every child for good, and a reload binds the same ones again.
+        self._batched: dict[int, BatchedCounter | BatchedHistogram] = {}
         r = self.registry
+        r.register(_FlushFirst(self))
         self.http_requests = Counter(
             "gateway_http_requests_total", "Requests answered, by route, method and status code.",
             ["route", "method", "code"], registry=r,
@@ -126,43 +205,72 @@ class Metrics:
             multiprocess_mode="livemin",
         )  # fmt: skip
 
+    def counter(self, child: Any) -> BatchedCounter:
+        """The batched view of a counter child (a `.labels(...)` result or a label-less counter)."""
+        batched = self._batched.get(id(child))
+        if batched is None:
+            batched = self._batched[id(child)] = BatchedCounter(child)
+        assert isinstance(batched, BatchedCounter)  # noqa: S101 - one child is one kind of metric
+        return batched
+
+    def histogram(self, child: Any) -> BatchedHistogram:
+        """The batched view of a histogram child."""
+        batched = self._batched.get(id(child))
+        if batched is None:
+            batched = self._batched[id(child)] = BatchedHistogram(child)
+        assert isinstance(batched, BatchedHistogram)  # noqa: S101 - one child is one kind of metric
+        return batched
+
+    def flush(self) -> None:
+        """Hand every batched count to prometheus_client (in multiprocess mode: to the shared files)."""
+        for batched in list(self._batched.values()):
+            batched.flush()
+
+    async def run_flusher(self, interval: float = FLUSH_INTERVAL) -> None:
+        """In multiprocess mode another worker may answer the scrape: write this one's counts out regularly."""
+        try:
+            while True:
+                await asyncio.sleep(interval)
+                self.flush()
+        finally:
+            self.flush()
+
 
 # Methods outside this set are counted as "other": a client must not be able to mint label values.
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"})
 
 
 class RouteMetrics:
-    """One route's metric children, bound on first use and cached: `labels()` on every request costs more than
+    """One route's metric children, bound on first use and batched: `labels()` on every request costs more than
     the count itself. Lazily, so no series appears before it has something to say (no "allow" for unmatched)."""
 
     def __init__(self, metrics: Metrics, route: str) -> None:
         self.route = route
         self._metrics = metrics
-        self._requests: dict[tuple[str, int], Any] = {}
-        self._duration: Any = None
-        self._upstream: Any = None
-        self._allowed: Any = None
+        self._requests: dict[tuple[str, int], BatchedCounter] = {}
+        self._duration: BatchedHistogram | None = None
+        self._upstream: BatchedHistogram | None = None
+        self._allowed: BatchedCounter | None = None
 
     def answered(self, method: str, status: int, seconds: float) -> None:
-        child = self._requests.get((method, status))
-        if child is None:
+        counter = self._requests.get((method, status))
+        if counter is None:
             label = method if method in KNOWN_METHODS else "other"
-            child = self._requests[(method, status)] = self._metrics.http_requests.labels(
-                self.route, label, str(status)
-            )
-        child.inc()
+            child = self._metrics.http_requests.labels(self.route, label, str(status))
+            counter = self._requests[(method, status)] = self._metrics.counter(child)
+        counter.inc()
         if self._duration is None:
-            self._duration = self._metrics.http_duration.labels(self.route)
+            self._duration = self._metrics.histogram(self._metrics.http_duration.labels(self.route))
         self._duration.observe(seconds)
 
     def upstream_answered(self, seconds: float) -> None:
         if self._upstream is None:
-            self._upstream = self._metrics.upstream_duration.labels(self.route)
+            self._upstream = self._metrics.histogram(self._metrics.upstream_duration.labels(self.route))
         self._upstream.observe(seconds)
 
     def allowed(self) -> None:
         if self._allowed is None:
-            self._allowed = self._metrics.auth_decisions.labels(self.route, "allow", "ok")
+            self._allowed = self._metrics.counter(self._metrics.auth_decisions.labels(self.route, "allow", "ok"))
         self._allowed.inc()
 
     def denied(self, outcome: str, reason: str) -> None:

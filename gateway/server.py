@@ -19,7 +19,7 @@ from gateway.admin import admin_app
 from gateway.app import Handler, Runtime, build_gateway
 from gateway.config import Settings
 from gateway.listener import Listener
-from gateway.metrics import Metrics
+from gateway.metrics import Metrics, multiprocess
 
 log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -61,6 +61,7 @@ class Server:
         self._stopping = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self._mirror_task: asyncio.Task[None] | None = None
+        self._flusher: asyncio.Task[None] | None = None
 
     async def start(self) -> Listening:
         if not self.settings.store.redis_url:
@@ -68,6 +69,8 @@ class Server:
         runtime = Runtime.create(self.settings, self.metrics, new_session())
         self.runtime = runtime
         self._mirror_task = asyncio.create_task(runtime.mirror.run(), name="revocation-mirror")
+        if multiprocess():  # another worker may answer the scrape: counts go to the shared files regularly
+            self._flusher = asyncio.create_task(self.metrics.run_flusher(), name="metrics-flush")
         runtime.usage.start()
         await runtime.install(build_gateway(self.settings, runtime))
         listen = self.settings.listen
@@ -86,7 +89,10 @@ class Server:
         admin_site = web.TCPSite(admin_runner, self.settings.admin.host, self.settings.admin.port, reuse_port=shared)
         await admin_site.start()
         ports = Listening(proxy_port, _port(admin_runner))
-        log.info("gateway listening", extra={"proxy_port": ports.proxy_port, "admin_port": ports.admin_port})
+        log.info(  # the pid tells the --workers processes apart
+            "gateway listening",
+            extra={"proxy_port": ports.proxy_port, "admin_port": ports.admin_port, "pid": os.getpid()},
+        )
         return ports
 
     async def reload(self) -> bool:
@@ -108,7 +114,7 @@ class Server:
                 log.warning("listen, admin and store changes take effect only after a restart")
             await self.runtime.install(gateway)
             self.metrics.config_reloads.labels("success").inc()
-            log.info("config reloaded", extra={"routes": len(settings.routes)})
+            log.info("config reloaded", extra={"routes": len(settings.routes), "pid": os.getpid()})
             return True
 
     def request_stop(self) -> None:
@@ -130,9 +136,10 @@ class Server:
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()
-        if self._mirror_task is not None:
-            self._mirror_task.cancel()
-            await asyncio.gather(self._mirror_task, return_exceptions=True)
+        for task in (self._mirror_task, self._flusher):  # the flusher writes its last counts as it ends
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self.runtime is not None:
             await self.runtime.usage.stop()  # writes the last uses still pending
             await self.runtime.close()
@@ -204,4 +211,4 @@ async def serve(settings: Settings, config_path: Path | None, reuse_port: bool =
     await server.wait()
     log.info("stopping: draining in-flight requests", extra={"drain_timeout_s": settings.listen.drain_timeout})
     await server.stop()
-    log.info("stopped")
+    log.info("stopped", extra={"pid": os.getpid()})

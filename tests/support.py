@@ -653,6 +653,20 @@ class GatewayProcess:
                         raise AssertionError("gateway stderr closed before the line appeared:\n" + self.text())
                     await self._changed.wait()
 
+    async def wait_for_logs(self, predicate: Any, count: int, within: float = 20.0) -> list[dict[str, Any]]:
+        """The first `count` JSON log lines satisfying `predicate`, waiting for them as wait_for_log does."""
+        async with asyncio.timeout(within):
+            async with self._changed:
+                while True:
+                    found = [entry for entry in self.logs() if predicate(entry)]
+                    if len(found) >= count:
+                        return found[:count]
+                    if self._reader is not None and self._reader.done():
+                        raise AssertionError(
+                            f"gateway stderr closed with {len(found)} of {count} lines:\n{self.text()}"
+                        )
+                    await self._changed.wait()
+
     def text(self) -> str:
         return "\n".join(self.lines)
 

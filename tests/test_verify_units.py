@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +16,16 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa, x
 
 from gateway import errors
 from gateway.config import IssuerSettings
+from gateway.identity import Identity
 from gateway.metrics import Metrics
+from gateway.revocation import Mirror, RevocationCheck
+from gateway.store import MemoryStore, Revocation
+from gateway.verify import Judge
 from gateway.verify.cache import TokenCache, token_digest
 from gateway.verify.jwks import IssuerKeys
 from gateway.verify.jwt_local import JwtVerifier, NotMine, Verified, _b64decode, _peek, _typ_matches
 from gateway.verify.keys import KeySet, VerificationKey, algorithms_for, from_jwks, from_pem_file
+from gateway.verify.policy import RoutePolicy
 from tests.support import AUDIENCE, ISSUER, Key, b64, self_signed_cert
 
 RSA_ALGS = {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"}
@@ -330,6 +336,38 @@ async def test_opaque_and_foreign_tokens_are_not_mine(tmp_path: Path) -> None:
     assert (await verifier.verify(key.sign(), frozenset({"corp"}))).subject == "alice"
     with pytest.raises(NotMine):  # a cached token is still refused on a route that does not accept its issuer
         await verifier.verify(key.sign(), frozenset({"elsewhere"}))
+
+
+async def test_a_cached_jwt_is_judged_at_once_and_meets_revocation_and_the_rules_again() -> None:
+    """The first judgement of a token is an awaitable (signature work); later ones return the identity with nothing
+    to await, and still apply revocation and the route's scopes: a hit skips the signature, nothing else."""
+    key = Key.rsa()
+    metrics = Metrics()
+    settings = IssuerSettings(name="corp", issuer=ISSUER, jwks_uri="http://127.0.0.1:9/jwks", audiences=(AUDIENCE,))
+    keys = IssuerKeys(settings, None, metrics, static=KeySet([vk(key.kid, key.private.public_key())]))
+    verifier = JwtVerifier({"corp": keys}, TokenCache[Verified](10, metrics))
+    store = MemoryStore()
+    revocation = RevocationCheck(Mirror(store, metrics, 60.0, 5.0), metrics, 5.0)
+
+    def judge(scopes: tuple[str, ...]) -> Judge:
+        policy = RoutePolicy.build(scopes, {})
+        return Judge(verifier, frozenset({"corp"}), policy, revocation, "always", fail_open=False, mode="jwt")
+
+    reader, admin = judge(("orders:read",)), judge(("admin",))
+    token = key.sign()
+    first = reader.judge(token)
+    assert not isinstance(first, Identity)
+    identity = await first
+    again = reader.judge(token)
+    assert isinstance(again, Identity) and again == identity
+    with pytest.raises(errors.InsufficientScope):
+        admin.judge(token)  # raised at once, from the cache
+    await store.add(Revocation("jti", str(identity.token_id), time.time() + 600))
+    with pytest.raises(errors.Revoked):
+        reader.judge(token)
+    hits = metrics.registry.get_sample_value("gateway_token_cache_requests_total", {"result": "hit"})
+    misses = metrics.registry.get_sample_value("gateway_token_cache_requests_total", {"result": "miss"})
+    assert (hits, misses) == (3, 1)  # one look-up per judgement, the first one missed
 
 
 def test_identity_header_text_of_claims() -> None:

@@ -22,8 +22,8 @@ class TokenCache(Generic[V]):
     def __init__(self, max_entries: int, metrics: Metrics | None = None) -> None:
         self.max_entries = max_entries
         self._entries: OrderedDict[bytes, V] = OrderedDict()
-        self._hit = metrics.token_cache.labels("hit") if metrics else None
-        self._miss = metrics.token_cache.labels("miss") if metrics else None
+        self._hit = metrics.counter(metrics.token_cache.labels("hit")) if metrics else None
+        self._miss = metrics.counter(metrics.token_cache.labels("miss")) if metrics else None
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -10,11 +10,13 @@ Whichever way, the same revocation check and the same route policy follow; a cac
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Literal
 
 from gateway.identity import Identity
 from gateway.revocation import Policy, RevocationCheck
+from gateway.verify.cache import token_digest
 from gateway.verify.introspection import Introspector
 from gateway.verify.jwt_local import JwtVerifier, NotMine
 from gateway.verify.policy import RoutePolicy
@@ -37,18 +39,36 @@ class Judge:
         if self.mode != "jwt" and self.introspector is None:
             raise ValueError(f"auth mode {self.mode} needs an introspection endpoint")
 
-    async def judge(self, token: str) -> Identity:
-        identity = await self._identify(token)
+    def judge(self, token: str) -> Identity | Awaitable[Identity]:
+        """The identity the token speaks for, with the route's rules applied; raises the refusal.
+
+        A JWT verified before is judged at once, with nothing to await: the common case, kept free of coroutine
+        layers. Otherwise the result is an awaitable that verifies the signature or asks introspection."""
+        if self.mode == "introspect":
+            return self._admitted(self._introspect(token))
+        digest = token_digest(token)
+        try:
+            identity = self.verifier.cached(digest, self.issuers)
+        except NotMine as exc:
+            if self.mode == "jwt":
+                raise exc.error from None
+            return self._admitted(self._introspect(token))
+        if identity is not None:
+            return self._admit(identity)
+        return self._admitted(self._verify_new(token, digest))
+
+    def _admit(self, identity: Identity) -> Identity:
         # Revocation before the route's rules: a revoked token is reported as revoked, whatever its scopes.
         self.revocation.check(identity, self.revocation_policy, self.fail_open)
         self.policy.check(identity)
         return identity
 
-    async def _identify(self, token: str) -> Identity:
-        if self.mode == "introspect":
-            return await self._introspect(token)
+    async def _admitted(self, identifying: Awaitable[Identity]) -> Identity:
+        return self._admit(await identifying)
+
+    async def _verify_new(self, token: str, digest: bytes) -> Identity:
         try:
-            return await self.verifier.verify(token, self.issuers)
+            return await self.verifier.verify_new(token, digest, self.issuers)
         except NotMine as exc:
             if self.mode == "jwt":
                 raise exc.error from None

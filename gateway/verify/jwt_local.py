@@ -61,16 +61,25 @@ class JwtVerifier:
         self._clock = clock
 
     async def verify(self, token: str, allowed: frozenset[str]) -> Identity:
-        """Verify `token` for a route accepting the issuers named in `allowed`."""
+        """Verify `token` for a route accepting the issuers named in `allowed`: from the cache, or afresh."""
         digest = token_digest(token)
+        identity = self.cached(digest, allowed)
+        return identity if identity is not None else await self.verify_new(token, digest, allowed)
+
+    def cached(self, digest: bytes, allowed: frozenset[str]) -> Identity | None:
+        """The identity of a token verified before (by its `token_digest`) and still valid; None if not cached."""
         cached = self._cache.get(digest)
         # The key itself is compared, not just its kid: a withdrawn key, or a kid republished with other key
         # material, must stop a cached token at once (a kid-less token would otherwise match any key set).
-        if cached is not None and cached.issuer.keys is not None and cached.issuer.keys.contains(cached.key):
-            if cached.identity.issuer not in allowed:
-                raise NotMine(errors.WrongIssuer())
-            self._check_expiry(cached.identity, cached.issuer.settings.leeway)
-            return cached.identity
+        if cached is None or cached.issuer.keys is None or not cached.issuer.keys.contains(cached.key):
+            return None
+        if cached.identity.issuer not in allowed:
+            raise NotMine(errors.WrongIssuer())
+        self._check_expiry(cached.identity, cached.issuer.settings.leeway)
+        return cached.identity
+
+    async def verify_new(self, token: str, digest: bytes, allowed: frozenset[str]) -> Identity:
+        """Verify a token `cached` did not know: parse, signature, claims; cache it under `digest`."""
         header, claims, signature = _peek(token)
         iss = claims.get("iss")
         # iss may be any JSON value here (a list is unhashable): only a string can name an issuer.

@@ -55,6 +55,7 @@ class KeySet:
     def __init__(self, keys: Iterable[VerificationKey]) -> None:
         self.keys = tuple(keys)
         self._by_kid = {k.kid: k for k in self.keys if k.kid is not None}
+        self._ids = frozenset(id(k) for k in self.keys)  # for `contains` on every cache hit, without a scan
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -64,7 +65,9 @@ class KeySet:
 
     def contains(self, key: VerificationKey) -> bool:
         """Whether this exact key (same kid and key material) is still in the set."""
-        return any(k is key or (k.kid == key.kid and k.key == key.key) for k in self.keys)
+        if id(key) in self._ids:  # the very object (the set holds it, so its id cannot have been reused)
+            return True
+        return any(k.kid == key.kid and k.key == key.key for k in self.keys)
 
     def find(self, kid: str | None, alg: str) -> VerificationKey | None:
         if kid is not None:

@@ -1,0 +1,106 @@
+"""`gateway run --workers N`: N processes on one port, /metrics summed over them whichever answers, a killed worker
+restarted, SIGHUP and SIGTERM reaching every worker. Real processes, a real Redis, a real upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from tests.redis_support import free_port
+from tests.support import GatewayProcess, Upstream, gateway_process
+
+WORKERS = 2
+
+
+def _config(upstream: Upstream, redis_url: str, prefix: str, port: int, admin: int) -> str:
+    return f"""
+listen: {{host: 127.0.0.1, port: {port}}}
+admin: {{host: 127.0.0.1, port: {admin}}}
+store: {{redis_url: "{redis_url}", key_prefix: "{prefix}"}}
+routes:
+  - name: open
+    match: {{path_prefix: /}}
+    upstream: {{url: "{upstream.url}"}}
+    auth: {{mode: none}}
+"""
+
+
+async def _get_on_new_connections(url: str, count: int) -> list[int]:
+    """`count` requests, each on a connection of its own: SO_REUSEPORT spreads connections, not requests."""
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        statuses = []
+        for _ in range(count):
+            async with session.get(f"{url}/items") as resp:
+                await resp.read()
+                statuses.append(resp.status)
+        return statuses
+
+
+async def _answered(gw: GatewayProcess) -> float:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
+        return await gw.metric(session, "gateway_http_requests_total", route="open", method="GET", code="200")
+
+
+async def _until_answered(gw: GatewayProcess, expected: float) -> None:
+    """Workers write their counts to the shared files every second: wait for them (10 s at most)."""
+    deadline = time.monotonic() + 10.0
+    while (seen := await _answered(gw)) != expected:
+        assert seen < expected, f"/metrics counts {seen} requests, {expected} were sent"
+        assert time.monotonic() < deadline, f"/metrics shows {seen} of {expected} requests after 10 s"
+        await asyncio.sleep(0.1)
+
+
+def _listening(entry: dict[str, Any]) -> bool:
+    return entry.get("msg") == "gateway listening"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def test_workers_share_the_port_and_metrics_restart_and_get_every_signal(
+    upstream: Upstream, tmp_path: Path, redis_url: str, key_prefix: str
+) -> None:
+    port, admin = free_port(), free_port()
+    text = _config(upstream, redis_url, key_prefix, port, admin)
+    async with gateway_process(text, tmp_path, args=("--workers", str(WORKERS))) as gw:
+        started = await gw.wait_for_logs(_listening, WORKERS)
+        pids = {int(entry["pid"]) for entry in started}
+        assert len(pids) == WORKERS and gw.pid not in pids
+        assert {int(entry["proxy_port"]) for entry in started} == {port}
+
+        assert await _get_on_new_connections(gw.url, 40) == [200] * 40
+        await _until_answered(gw, 40)
+        for _ in range(6):  # whichever worker answers the scrape shows the sum over all of them
+            assert await _answered(gw) == 40
+
+        gw.signal(signal.SIGHUP)  # to the supervisor: every worker reloads
+        reloaded = await gw.wait_for_logs(lambda e: e.get("msg") == "config reloaded", WORKERS)
+        assert {int(entry["pid"]) for entry in reloaded} == pids
+
+        victim = min(pids)
+        os.kill(victim, signal.SIGKILL)
+        exited = await gw.wait_for_log(lambda e: e.get("msg") == "worker exited; restarting")
+        assert (exited["pid"], exited["code"]) == (victim, -signal.SIGKILL)
+        replacement = int((await gw.wait_for_logs(_listening, WORKERS + 1))[-1]["pid"])
+        assert replacement not in pids
+        survivors = pids - {victim} | {replacement}
+        assert await _get_on_new_connections(gw.url, 20) == [200] * 20
+        await _until_answered(gw, 60)  # the killed worker's counts stay in the total
+
+        gw.signal(signal.SIGTERM)
+        assert await gw.wait_exit() == 0
+        stopped = {int(entry["pid"]) for entry in gw.logs() if entry.get("msg") == "stopped"}
+        assert stopped == survivors  # each drained and stopped; none was left behind
+        assert not any(_alive(pid) for pid in survivors)
