@@ -7,10 +7,11 @@ Never a path, a subject or a token.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from bisect import bisect_left
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.metrics_core import Metric
@@ -42,6 +43,8 @@ def multiprocess() -> bool:
     """True in `--workers N` mode: values go to shared files and gauges cannot compute themselves at scrape."""
     return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
+
+log = logging.getLogger(__name__)
 
 # In --workers mode every worker writes what it counted to the shared files this often, and when it stops.
 FLUSH_INTERVAL = 1.0
@@ -111,6 +114,9 @@ class BatchedHistogram:
             if count:
                 bucket.inc(count)
         self._child._sum.inc(total)
+
+
+_B = TypeVar("_B", BatchedCounter, BatchedHistogram)
 
 
 class _FlushFirst(Collector):
@@ -207,18 +213,17 @@ class Metrics:
 
     def counter(self, child: Any) -> BatchedCounter:
         """The batched view of a counter child (a `.labels(...)` result or a label-less counter)."""
-        batched = self._batched.get(id(child))
-        if batched is None:
-            batched = self._batched[id(child)] = BatchedCounter(child)
-        assert isinstance(batched, BatchedCounter)  # noqa: S101 - one child is one kind of metric
-        return batched
+        return self._bind(child, BatchedCounter)
 
     def histogram(self, child: Any) -> BatchedHistogram:
         """The batched view of a histogram child."""
+        return self._bind(child, BatchedHistogram)
+
+    def _bind(self, child: Any, kind: type[_B]) -> _B:
         batched = self._batched.get(id(child))
         if batched is None:
-            batched = self._batched[id(child)] = BatchedHistogram(child)
-        assert isinstance(batched, BatchedHistogram)  # noqa: S101 - one child is one kind of metric
+            batched = self._batched[id(child)] = kind(child)
+        assert isinstance(batched, kind)  # noqa: S101 - one child is one kind of metric
         return batched
 
     def flush(self) -> None:
@@ -231,7 +236,10 @@ class Metrics:
         try:
             while True:
                 await asyncio.sleep(interval)
-                self.flush()
+                try:
+                    self.flush()
+                except Exception:  # e.g. OSError from the shared files: say so, and keep flushing
+                    log.exception("writing metrics to the multiprocess directory failed")
         finally:
             self.flush()
 

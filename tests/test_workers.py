@@ -43,15 +43,19 @@ async def _get_on_new_connections(url: str, count: int) -> list[int]:
         return statuses
 
 
-async def _answered(gw: GatewayProcess) -> float:
+async def _answered(gw: GatewayProcess, scraper: aiohttp.ClientSession | None = None) -> float:
+    """The total of answered requests on /metrics; on a new connection unless a (kept-alive) scraper is given."""
+    if scraper is not None:
+        return await gw.metric(scraper, "gateway_http_requests_total", route="open", method="GET", code="200")
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
-        return await gw.metric(session, "gateway_http_requests_total", route="open", method="GET", code="200")
+        return await _answered(gw, session)
 
 
-async def _until_answered(gw: GatewayProcess, expected: float) -> None:
-    """Workers write their counts to the shared files every second: wait for them (10 s at most)."""
+async def _until_answered(gw: GatewayProcess, scraper: aiohttp.ClientSession, expected: float) -> None:
+    """Poll over one kept-alive connection, so one worker answers every scrape and the others' counts can only
+    arrive by their own flush, every second (wait 10 s at most)."""
     deadline = time.monotonic() + 10.0
-    while (seen := await _answered(gw)) != expected:
+    while (seen := await _answered(gw, scraper)) != expected:
         assert seen < expected, f"/metrics counts {seen} requests, {expected} were sent"
         assert time.monotonic() < deadline, f"/metrics shows {seen} of {expected} requests after 10 s"
         await asyncio.sleep(0.1)
@@ -74,14 +78,18 @@ async def test_workers_share_the_port_and_metrics_restart_and_get_every_signal(
 ) -> None:
     port, admin = free_port(), free_port()
     text = _config(upstream, redis_url, key_prefix, port, admin)
-    async with gateway_process(text, tmp_path, args=("--workers", str(WORKERS))) as gw:
+    metrics_dir = tmp_path / "metrics"  # given, so it outlives the supervisor (which removes a directory it made)
+    metrics_dir.mkdir()
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+    scraper = aiohttp.ClientSession()  # one kept-alive connection to /metrics
+    async with scraper, gateway_process(text, tmp_path, env=env, args=("--workers", str(WORKERS))) as gw:
         started = await gw.wait_for_logs(_listening, WORKERS)
         pids = {int(entry["pid"]) for entry in started}
         assert len(pids) == WORKERS and gw.pid not in pids
         assert {int(entry["proxy_port"]) for entry in started} == {port}
 
         assert await _get_on_new_connections(gw.url, 40) == [200] * 40
-        await _until_answered(gw, 40)
+        await _until_answered(gw, scraper, 40)
         for _ in range(6):  # whichever worker answers the scrape shows the sum over all of them
             assert await _answered(gw) == 40
 
@@ -97,10 +105,24 @@ async def test_workers_share_the_port_and_metrics_restart_and_get_every_signal(
         assert replacement not in pids
         survivors = pids - {victim} | {replacement}
         assert await _get_on_new_connections(gw.url, 20) == [200] * 20
-        await _until_answered(gw, 60)  # the killed worker's counts stay in the total
+        await _until_answered(gw, scraper, 60)  # the killed worker's counts stay in the total
 
+        # Counted after the last scrape: written out as each worker stops, if not by its timer before.
+        assert await _get_on_new_connections(gw.url, 10) == [200] * 10
         gw.signal(signal.SIGTERM)
         assert await gw.wait_exit() == 0
         stopped = {int(entry["pid"]) for entry in gw.logs() if entry.get("msg") == "stopped"}
         assert stopped == survivors  # each drained and stopped; none was left behind
         assert not any(_alive(pid) for pid in survivors)
+    assert _total_in(metrics_dir) == 70
+
+
+def _total_in(directory: Path) -> float:
+    """gateway_http_requests_total{route="open"} summed over the files the workers left behind."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, str(directory))  # type: ignore[no-untyped-call]
+    value = registry.get_sample_value("gateway_http_requests_total", {"route": "open", "method": "GET", "code": "200"})
+    return 0.0 if value is None else value
