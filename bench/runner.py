@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 from types import TracebackType
 
-from bench import wrk
+from bench import openloop, wrk
 from bench.report import MB, Run
 from bench.servers import TargetError, TargetSkipped
 from bench.system import DRIVER_CORE, REPO, CpuSnapshot, cpu_seconds, pinned, rss_bytes
@@ -133,20 +132,8 @@ def rounds(
     return {name: r for name, r in runs.items() if r}, problems
 
 
-def _openloop(running: Running, tokens: Path, rate: float, seconds: float) -> subprocess.Popen[str]:
-    argv = [
-        sys.executable,
-        "-m",
-        "bench.openloop",
-        "--port",
-        str(running.port),
-        "--rate",
-        f"{rate:.0f}",
-        "--seconds",
-        f"{seconds:.0f}",
-        "--tokens",
-        str(tokens),
-    ]
+def _openloop(running: Running, bench: Bench, tokens: Path, rate: float, seconds: float) -> subprocess.Popen[str]:
+    argv = openloop.argv(openloop.build(bench.workdir), running.port, rate, seconds, tokens)
     return subprocess.Popen(pinned(DRIVER_CORE, argv), cwd=REPO, stdout=subprocess.PIPE, text=True)
 
 
@@ -169,7 +156,7 @@ def fixed_rate(target: Target, bench: Bench, max_rps: float, seconds: float, war
     with launch(target, bench) as running:
         _warm_up(target, bench, running, warmup)
         before = CpuSnapshot.take(running.process.pid, bench.upstream_pid)
-        client = _openloop(running, bench.token_files[target.tokens], rate, seconds)
+        client = _openloop(running, bench, bench.token_files[target.tokens], rate, seconds)
         result = _openloop_result(client, seconds)
         after = CpuSnapshot.take(running.process.pid, bench.upstream_pid)
     others = (after.server_core - before.server_core) - (after.server - before.server)
@@ -192,7 +179,7 @@ def soak(target: Target, bench: Bench, seconds: float, probe: float) -> None:
         print(f"soak: max {max_rps:,.0f} req/s; {seconds / 60:.0f} min at {rate:,.0f} req/s", flush=True)
         cpu_before = cpu_seconds(pid)
         started = time.monotonic()
-        client = _openloop(running, bench.token_files[target.tokens], rate, seconds)
+        client = _openloop(running, bench, bench.token_files[target.tokens], rate, seconds)
         minute = 1
         while client.poll() is None and minute * 60 <= seconds:
             time.sleep(max(0.0, started + minute * 60 - time.monotonic()))

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-# Debian package per command the suite runs.
-PACKAGES = {"wrk": "wrk", "nginx": "nginx", "haproxy": "haproxy"}
+# Debian packages per command the suite runs (cc builds the fixed-rate client, bench/openloop.c).
+PACKAGES = {"wrk": ("wrk",), "nginx": ("nginx",), "haproxy": ("haproxy",), "cc": ("gcc", "libc6-dev")}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SERVER_CORE = 0
 DRIVER_CORE = 1
@@ -24,8 +24,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def ensure_packages() -> None:
-    """Install whatever of wrk, nginx and haproxy is missing; `apt-get update` only when something is."""
-    missing = [pkg for cmd, pkg in PACKAGES.items() if shutil.which(cmd) is None]
+    """Install whatever of wrk, nginx, haproxy and a C compiler is missing; `apt-get update` only when something is."""
+    missing = [pkg for cmd, pkgs in PACKAGES.items() if shutil.which(cmd) is None for pkg in pkgs]
     if not missing:
         return
     if shutil.which("apt-get") is None:
