@@ -305,7 +305,8 @@ class Handler:
             route = gateway.routes.match(request.method, request.host, request.path)
             metrics = route.metrics
             if route.judge is not None:
-                identity = await self._judge(request, route)
+                judged = self._judge(request, route)
+                identity = judged if isinstance(judged, Identity) else await judged
             status = await forward(route, identity)
         except errors.GatewayError as exc:
             reason = exc.reason
@@ -321,19 +322,35 @@ class Handler:
         if gateway.settings.log.access:
             _log_access(request, metrics.route, status, elapsed, identity, reason)
 
-    async def _judge(self, request: RequestView, route: Route) -> Identity:
+    def _judge(self, request: RequestView, route: Route) -> Identity | Awaitable[Identity]:
+        """As Judge.judge: a token judged before is admitted at once, without a coroutine; the rest is awaited."""
         assert route.judge is not None  # noqa: S101 - callers check
         try:
-            token = bearer.extract(request, route.token, route.max_token_bytes)
-            judged = route.judge.judge(token)
-            identity = judged if isinstance(judged, Identity) else await judged
+            judged = route.judge.judge(bearer.extract(request, route.token, route.max_token_bytes))
         except errors.GatewayError as exc:
-            route.metrics.denied("error" if exc.status >= 500 else "deny", exc.reason)
+            _count_denial(route, exc)
             raise
+        if isinstance(judged, Identity):
+            return self._allowed(request, route, judged)
+        return self._judged_later(request, route, judged)
+
+    async def _judged_later(self, request: RequestView, route: Route, judging: Awaitable[Identity]) -> Identity:
+        try:
+            identity = await judging
+        except errors.GatewayError as exc:
+            _count_denial(route, exc)
+            raise
+        return self._allowed(request, route, identity)
+
+    def _allowed(self, request: RequestView, route: Route, identity: Identity) -> Identity:
         route.metrics.allowed()
         if identity.issuer == GATEWAY_ISSUER_NAME and identity.token_id is not None:
             self.runtime.usage.record(identity.token_id, request.remote, request.headers.get("User-Agent"))
         return identity
+
+
+def _count_denial(route: Route, exc: errors.GatewayError) -> None:
+    route.metrics.denied("error" if exc.status >= 500 else "deny", exc.reason)
 
 
 def error_response(exc: errors.GatewayError) -> web.Response:

@@ -1,10 +1,13 @@
 """Find the credential in a request (RFC 6750 §2): Authorization header, or per route a header, cookie or query.
 
 "Absent" (401, no error code) is kept apart from "malformed" (400 invalid_request), and an oversized token is
-refused before anything parses it.
+refused before anything parses it. The b64token character check (`check_syntax`) is the judge's to call, on a
+token it has not seen before: a token found in the verified-token cache passed it when it was first verified.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from gateway import errors
 from gateway.config import TokenLocation
@@ -15,9 +18,10 @@ _B64TOKEN_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz01234567
 
 
 def extract(request: RequestView, location: TokenLocation, max_bytes: int) -> str:
-    """Return the token; raise MissingToken, InvalidRequest or TokenTooLarge."""
+    """Return the token, its characters not yet checked (`check_syntax`); raise MissingToken, InvalidRequest or
+    TokenTooLarge."""
     if location.source == "authorization":
-        token = _from_authorization(request)
+        token = _from_authorization(request.headers.getall("Authorization", ()))
     elif location.source == "header":
         token = _single(request.headers.getall(location.name or "", []), f"the {location.name} header")
         if token is not None and token[:7].lower() == "bearer ":
@@ -31,22 +35,23 @@ def extract(request: RequestView, location: TokenLocation, max_bytes: int) -> st
         raise errors.MissingToken()
     if len(token) > max_bytes:
         raise errors.TokenTooLarge()
-    if not _is_b64token(token):
-        raise errors.InvalidRequest("the bearer token contains characters a token cannot have")
     return token
 
 
-def _is_b64token(token: str) -> bool:
+def check_syntax(token: str) -> None:
+    """Raise InvalidRequest unless the token is an RFC 6750 b64token."""
     # bytes.translate deletes the allowed characters in one C pass: a regex took 2.6 µs on a 560-byte JWT.
     body = token.rstrip("=")
-    return bool(body) and body.isascii() and not body.encode("ascii").translate(None, _B64TOKEN_CHARS)
+    if not body or not body.isascii() or body.encode("ascii").translate(None, _B64TOKEN_CHARS):
+        raise errors.InvalidRequest("the bearer token contains characters a token cannot have")
 
 
-def _from_authorization(request: RequestView) -> str | None:
-    value = _single(request.headers.getall("Authorization", []), "the Authorization header")
-    if value is None:
+def _from_authorization(values: Sequence[str]) -> str | None:
+    if len(values) != 1:  # the common case, one header, takes this one branch
+        if values:
+            raise errors.InvalidRequest("the Authorization header appears more than once")
         return None
-    scheme, _, credentials = value.partition(" ")
+    scheme, _, credentials = values[0].partition(" ")
     if scheme.lower() != "bearer":
         return None  # another scheme (Basic, ...) carries no bearer token: 401 with a Bearer challenge
     credentials = credentials.strip(" ")

@@ -61,7 +61,7 @@ class Mirror:
 
     def is_revoked(self, identity: Identity) -> bool:
         jti, issuer = identity.token_id, identity.issuer
-        if jti is not None and (jti in self.jtis or f"{issuer}{SEPARATOR}{jti}" in self.jtis):
+        if jti is not None and self.jtis and (jti in self.jtis or f"{issuer}{SEPARATOR}{jti}" in self.jtis):
             return True
         subject = identity.subject
         if subject is None or not self.subjects:

@@ -14,6 +14,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Literal
 
+from gateway.bearer import check_syntax
 from gateway.identity import Identity
 from gateway.revocation import Policy, RevocationCheck
 from gateway.verify.cache import token_digest
@@ -45,6 +46,7 @@ class Judge:
         A JWT verified before is judged at once, with nothing to await: the common case, kept free of coroutine
         layers. Otherwise the result is an awaitable that verifies the signature or asks introspection."""
         if self.mode == "introspect":
+            check_syntax(token)
             return self._admitted(self._introspect(token))
         digest = token_digest(token)
         try:
@@ -54,7 +56,8 @@ class Judge:
                 raise exc.error from None
             return self._admitted(self._introspect(token))
         if identity is not None:
-            return self._admit(identity)
+            return self._admit(identity)  # the token's syntax was checked when it was verified
+        check_syntax(token)
         return self._admitted(self._verify_new(token, digest))
 
     def _admit(self, identity: Identity) -> Identity:

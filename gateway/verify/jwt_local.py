@@ -43,6 +43,7 @@ class Verified:
     identity: Identity
     issuer: IssuerKeys
     key: VerificationKey  # the key that verified it: a hit is honoured only while the issuer still publishes it
+    expired_from: float  # exp + the issuer's leeway (a reload that changes the leeway starts a new cache)
 
 
 class JwtVerifier:
@@ -69,14 +70,19 @@ class JwtVerifier:
     def cached(self, digest: bytes, allowed: frozenset[str]) -> Identity | None:
         """The identity of a token verified before (by its `token_digest`) and still valid; None if not cached."""
         cached = self._cache.get(digest)
+        if cached is None:
+            return None
         # The key itself is compared, not just its kid: a withdrawn key, or a kid republished with other key
         # material, must stop a cached token at once (a kid-less token would otherwise match any key set).
-        if cached is None or cached.issuer.keys is None or not cached.issuer.keys.contains(cached.key):
+        keys = cached.issuer.keys
+        if keys is None or not keys.contains(cached.key):
             return None
-        if cached.identity.issuer not in allowed:
+        identity = cached.identity
+        if identity.issuer not in allowed:
             raise NotMine(errors.WrongIssuer())
-        self._check_expiry(cached.identity, cached.issuer.settings.leeway)
-        return cached.identity
+        if cached.expired_from <= self._clock():
+            raise errors.Expired()
+        return identity
 
     async def verify_new(self, token: str, digest: bytes, allowed: frozenset[str]) -> Identity:
         """Verify a token `cached` did not know: parse, signature, claims; cache it under `digest`."""
@@ -87,7 +93,8 @@ class JwtVerifier:
         if issuer is None or issuer.settings.name not in allowed:
             raise NotMine(errors.WrongIssuer())
         identity, key = await self._verify_signed(token, header, claims, signature, issuer)
-        self._cache.put(digest, Verified(identity, issuer, key))
+        assert identity.expires_at is not None  # noqa: S101 - _check_claims requires exp
+        self._cache.put(digest, Verified(identity, issuer, key, identity.expires_at + issuer.settings.leeway))
         return identity
 
     async def _verify_signed(
@@ -153,10 +160,6 @@ class JwtVerifier:
             long_lived=settings.issuer == self._own_issuer or lifetime > settings.long_lived_after,
             key_id=kid,
         )
-
-    def _check_expiry(self, identity: Identity, leeway: float) -> None:
-        if identity.expires_at is not None and identity.expires_at <= self._clock() - leeway:
-            raise errors.Expired()
 
 
 def _peek(token: str) -> tuple[dict[str, Any], dict[str, Any], bytes]:
