@@ -1,8 +1,9 @@
 """Find the credential in a request (RFC 6750 §2): Authorization header, or per route a header, cookie or query.
 
 "Absent" (401, no error code) is kept apart from "malformed" (400 invalid_request), and an oversized token is
-refused before anything parses it. The b64token character check (`check_syntax`) is the judge's to call, on a
-token it has not seen before: a token found in the verified-token cache passed it when it was first verified.
+refused before anything parses it. The b64token character check (`check_syntax`) is the judge's to call, and only
+on what is not a JWT it could parse: strict JWT parsing admits nothing the check would refuse, and a token found in
+the verified-token cache was parsed when it was first verified.
 """
 
 from __future__ import annotations

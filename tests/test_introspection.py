@@ -678,6 +678,29 @@ async def test_a_failing_jwt_of_the_routes_issuer_is_refused_not_introspected(
     assert decisions(mixed, "mixed", "deny", reason) == 1
 
 
+@pytest.mark.parametrize("path", ["/mixed", "/jwt"])
+@pytest.mark.parametrize("shape", ["opaque", "JWT"])
+async def test_a_token_with_characters_no_token_has_is_400_and_never_introspected(
+    path: str, shape: str, mixed: RunningGateway, auth_server: AuthServer, rsa_key: Key, http: aiohttp.ClientSession
+) -> None:
+    # '!' is outside RFC 6750's b64token. JWT parsing is the first to see a new token now: whatever it makes of
+    # it, the answer is the malformed request's 400, and the authorization server is never asked.
+    token = "opaque!token" if shape == "opaque" else rsa_key.sign() + "!"
+    auth_server.issue(token)
+    status, _, body = await call(http, mixed, path, token)
+    assert (status, body["error"], auth_server.calls) == (400, "invalid_request", 0)
+    assert decisions(mixed, path.strip("/"), "deny", "invalid_request") == 1
+
+
+async def test_an_introspect_route_never_sends_a_malformed_token(
+    auth_server: AuthServer, upstream: Upstream, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    token = auth_server.issue("opaque!token")
+    async with gateway(config(auth_server, upstream), tmp_path) as gw:
+        status, _, body = await call(http, gw, "/orders", token)
+        assert (status, body["error"], auth_server.calls) == (400, "invalid_request", 0)
+
+
 async def test_jwt_mode_never_introspects(
     mixed: RunningGateway, auth_server: AuthServer, http: aiohttp.ClientSession
 ) -> None:

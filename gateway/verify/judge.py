@@ -56,8 +56,7 @@ class Judge:
                 raise exc.error from None
             return self._admitted(self._introspect(token))
         if identity is not None:
-            return self._admit(identity)  # the token's syntax was checked when it was verified
-        check_syntax(token)
+            return self._admit(identity)
         return self._admitted(self._verify_new(token, digest))
 
     def _admit(self, identity: Identity) -> Identity:
@@ -70,9 +69,13 @@ class Judge:
         return self._admit(await identifying)
 
     async def _verify_new(self, token: str, digest: bytes) -> Identity:
+        # No b64token check (check_syntax) before a JWT is parsed: JWT parsing is stricter (three base64url segments
+        # and two dots are a b64token). Only a token that is not a JWT of the route's issuers needs it, so that a
+        # malformed bearer token is answered 400 invalid_request, as RFC 6750 §3.1 says, not 401.
         try:
             return await self.verifier.verify_new(token, digest, self.issuers)
         except NotMine as exc:
+            check_syntax(token)
             if self.mode == "jwt":
                 raise exc.error from None
         # Not a JWT, or not from one of this route's issuers: the authorization server decides.

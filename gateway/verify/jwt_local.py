@@ -110,11 +110,12 @@ class JwtVerifier:
         kid = header.get("kid")
         if ("kid" in header and not isinstance(kid, str)) or header.get("b64", True) is not True:
             raise errors.Malformed()  # as pyjwt: a kid is a string; an unencoded payload (RFC 7797) is not a JWT
-        times = [claims[name] for name in ("exp", "nbf", "iat") if claims.get(name) is not None]
-        if not all(_is_numeric_date(value) for value in times):
-            # pyjwt would take "exp": "1700000000" (it calls int()), and 10**400 later overflows float():
-            # a NumericDate is a finite JSON number (RFC 7519 §2), anything else is malformed.
-            raise errors.Malformed()
+        for name in ("exp", "nbf", "iat"):
+            value = claims.get(name)
+            if value is not None and not _is_numeric_date(value):
+                # pyjwt would take "exp": "1700000000" (it calls int()), and 10**400 later overflows float():
+                # a NumericDate is a finite JSON number (RFC 7519 §2), anything else is malformed.
+                raise errors.Malformed()
         key = await self._find_key(issuer, kid, alg)
         if alg not in key.algorithms:
             raise errors.AlgorithmNotAllowed()
