@@ -41,7 +41,7 @@ static double rate, start;
 static conn_t *conns;
 static char **requests;
 static size_t *request_len;
-static long nrequests, total, sent, completed, non_2xx, errors_count;
+static long nrequests, total, sent, completed, non_2xx, errors_count, connect_failures;
 static double *latencies;
 static long *backlog; /* ring of request indices */
 static long backlog_head, backlog_count;
@@ -101,7 +101,12 @@ static void conn_open(int slot) {
     c->connected = 0;
     c->inflight = -1;
     c->used = 0;
-    if (connect(c->fd, (struct sockaddr *)&addr, sizeof addr) < 0 && errno != EINPROGRESS) die("connect");
+    if (connect(c->fd, (struct sockaddr *)&addr, sizeof addr) < 0 && errno != EINPROGRESS) {
+        close(c->fd); /* e.g. no ephemeral port left: the slot stays closed; main() opens it again */
+        c->open = 0;
+        connect_failures++;
+        return;
+    }
     struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP, .data.u32 = (unsigned)slot};
     if (epoll_ctl(epfd, EPOLL_CTL_ADD, c->fd, &ev) < 0) die("epoll_ctl");
 }
@@ -130,47 +135,64 @@ static int has_word(const char *from, const char *to, const char *word) {
     return 0;
 }
 
+/* The unsigned number (base 10 or 16) that [from, to) holds after optional spaces, up to the first non-digit;
+ * -1 when there is no digit or it overflows. Bounded: the buffer is not NUL-terminated. */
+static long parse_number(const char *from, const char *to, int base) {
+    while (from < to && (*from == ' ' || *from == '\t')) from++;
+    long value = 0;
+    const char *start = from;
+    for (; from < to; from++) {
+        int digit = *from >= '0' && *from <= '9'   ? *from - '0'
+                    : base == 16 && *from >= 'a' && *from <= 'f' ? *from - 'a' + 10
+                    : base == 16 && *from >= 'A' && *from <= 'F' ? *from - 'A' + 10
+                                                                  : -1;
+        if (digit < 0) break;
+        if (value > (BUF_SIZE * 16L)) return -1; /* larger than any answer this client takes */
+        value = value * base + digit;
+    }
+    return from == start ? -1 : value;
+}
+
 /* Bytes of the first complete response in buf, its status and whether the connection stays open; 0 while
- * incomplete. Content-Length and chunked bodies. */
-static size_t response_size(const char *buf, size_t used, int *status, int *keep_alive) {
+ * incomplete, -1 when it cannot be parsed. Content-Length and chunked bodies. */
+static long response_size(const char *buf, size_t used, int *status, int *keep_alive) {
     const char *end = memmem(buf, used, "\r\n\r\n", 4);
     if (!end) return 0;
     size_t head = (size_t)(end - buf) + 4;
-    *status = head >= 16 ? atoi(buf + 9) : 0; /* "HTTP/1.1 200" */
+    *status = head >= 16 ? (int)parse_number(buf + 9, buf + 12, 10) : -1; /* "HTTP/1.1 200" */
+    if (*status < 0) return -1;
     *keep_alive = 1;
     long length = 0;
     int chunked = 0;
     for (const char *line = memchr(buf, '\n', head) + 1; line < buf + head - 2;) {
         const char *next = memchr(line, '\n', (size_t)(buf + head - line));
         if (!next) break;
-        if (!strncasecmp(line, "content-length:", 15)) length = atol(line + 15);
+        if (!strncasecmp(line, "content-length:", 15) && (length = parse_number(line + 15, next, 10)) < 0) return -1;
         if (!strncasecmp(line, "transfer-encoding:", 18) && has_word(line, next, "chunked")) chunked = 1;
         if (!strncasecmp(line, "connection:", 11) && has_word(line, next, "close")) *keep_alive = 0;
         line = next + 1;
     }
-    if (!chunked) return used >= head + (size_t)length ? head + (size_t)length : 0;
+    if (!chunked) return used >= head + (size_t)length ? (long)(head + (size_t)length) : 0;
     size_t pos = head;
     for (;;) {
         const char *eol = memmem(buf + pos, used - pos, "\r\n", 2);
         if (!eol) return 0;
-        long size = strtol(buf + pos, NULL, 16);
+        long size = parse_number(buf + pos, eol, 16);
+        if (size < 0) return -1;
         pos = (size_t)(eol - buf) + 2 + (size_t)size + 2;
         if (pos > used) return 0;
-        if (size == 0) return pos;
+        if (size == 0) return (long)pos;
     }
 }
 
 static void on_readable(int slot) {
     conn_t *c = &conns[slot];
-    for (;;) {
-        if (c->used == BUF_SIZE) { /* an answer larger than the buffer: not what this client measures */
-            conn_lost(slot);
-            return;
-        }
+    int eof = 0;
+    while (c->used < BUF_SIZE) {
         ssize_t n = recv(c->fd, c->buf + c->used, BUF_SIZE - c->used, 0);
         if (n == 0) {
-            conn_lost(slot);
-            return;
+            eof = 1; /* an answer may have come with the close: counted below, then the connection goes */
+            break;
         }
         if (n < 0) {
             if (errno == EAGAIN || errno == EWOULDBLOCK) break;
@@ -179,15 +201,27 @@ static void on_readable(int slot) {
         }
         c->used += (size_t)n;
     }
+    if (c->used == 0) {
+        if (eof) conn_lost(slot);
+        return;
+    }
+    if (c->inflight < 0) { /* an answer to no request (e.g. a 408 before the next one): not ours to count */
+        conn_lost(slot);
+        return;
+    }
     int status, keep_alive;
-    size_t size = response_size(c->buf, c->used, &status, &keep_alive);
-    if (size == 0 || c->inflight < 0) return;
+    long size = response_size(c->buf, c->used, &status, &keep_alive);
+    if (size < 0 || (size == 0 && (eof || c->used == BUF_SIZE))) { /* unparsable, cut short, or too large */
+        conn_lost(slot);
+        return;
+    }
+    if (size == 0) return;
     latencies[completed++] = now() - due_of(c->inflight);
     non_2xx += status < 200 || status >= 300;
     c->inflight = -1;
-    memmove(c->buf, c->buf + size, c->used - size);
-    c->used -= size;
-    if (keep_alive)
+    memmove(c->buf, c->buf + size, c->used - (size_t)size);
+    c->used -= (size_t)size;
+    if (keep_alive && !eof)
         make_ready(slot);
     else
         conn_lost(slot);
@@ -251,6 +285,12 @@ static void load_requests(const char *path) {
     }
 }
 
+/* Slots whose connect() failed at once stay closed until here, so a failure cannot spin in a loop. */
+static void reopen_closed(void) {
+    for (int k = 0; k < nconn; k++)
+        if (!conns[k].open) conn_open(k);
+}
+
 static int by_value(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
     return (x > y) - (x < y);
@@ -289,6 +329,7 @@ int main(int argc, char **argv) {
     while (now() < opened) wait_events(opened);
     start = now();
     while (sent < total) {
+        reopen_closed();
         double due = due_of(sent);
         if (now() < due) {
             wait_events(due);
@@ -305,13 +346,16 @@ int main(int argc, char **argv) {
     }
     /* Bounded: whatever has not come back DRAIN_SECONDS after the last send counts as lost. */
     double deadline = now() + DRAIN_SECONDS;
-    while (completed + errors_count < total && now() < deadline) wait_events(deadline);
+    while (completed + errors_count < total && now() < deadline) {
+        reopen_closed();
+        wait_events(deadline);
+    }
     double elapsed = now() - start;
     qsort(latencies, (size_t)completed, sizeof *latencies, by_value);
     printf("{\"rate\": %.1f, \"sent\": %ld, \"completed\": %ld, \"achieved_rps\": %.1f, \"p50_ms\": %.3f, "
            "\"p90_ms\": %.3f, \"p99_ms\": %.3f, \"p999_ms\": %.3f, \"max_ms\": %.3f, \"non_2xx\": %ld, "
-           "\"errors\": %ld}\n",
+           "\"errors\": %ld, \"connect_failures\": %ld}\n",
            rate, total, completed, completed / elapsed, pct(50), pct(90), pct(99), pct(99.9),
-           completed ? latencies[completed - 1] * 1000.0 : 0.0, non_2xx, total - completed);
+           completed ? latencies[completed - 1] * 1000.0 : 0.0, non_2xx, total - completed, connect_failures);
     return 0;
 }
