@@ -16,7 +16,7 @@ from pathlib import Path
 
 from bench import runner, wrk
 from bench.gateway_server import Compat
-from bench.report import Run, fixed_rate_table, main_table, ratio_matrix, summarize
+from bench.report import Run, fixed_rate_table, main_table, ratio_matrix, summarize, summarize_fixed
 from bench.servers import TargetError, start_nginx
 from bench.system import DRIVER_CORE, can_pin, ensure_packages
 from bench.targets import BY_NAME, TARGETS, Bench, Target
@@ -103,13 +103,21 @@ def execute(args: argparse.Namespace, targets: list[Target], bench: Bench) -> No
     started = time.time()
     runs, problems = runner.rounds(targets, bench, args.rounds, args.duration, args.warmup)
     summaries = {t.name: summarize(runs[t.name]) for t in targets if t.name in runs}
-    fixed: dict[str, dict[str, float]] = {}
-    for name in [n for n in args.fixed_rate.split(",") if n in summaries]:
-        print(f"bench: fixed rate {name} at half of {summaries[name].rps:,.0f} req/s ...", flush=True)
-        try:
-            fixed[name] = runner.fixed_rate(BY_NAME[name], bench, summaries[name].rps, args.duration, args.warmup)
-        except (TargetError, RuntimeError, OSError, subprocess.SubprocessError) as exc:
-            problems[f"{name} (fixed rate)"] = f"FAILED: {exc}"
+    # As many fixed-rate runs as rounds, interleaved: one run's p99 is at the mercy of a slow spell of the VM.
+    fixed_runs: dict[str, list[dict[str, float]]] = {}
+    fixed_names = [n for n in args.fixed_rate.split(",") if n in summaries]
+    for number in range(1, args.rounds + 1):
+        for name in [n for n in fixed_names if f"{n} (fixed rate)" not in problems]:
+            rps = summaries[name].rps
+            print(f"bench: fixed rate {number}/{args.rounds} {name} at half of {rps:,.0f} req/s ...", flush=True)
+            try:
+                result = runner.fixed_rate(BY_NAME[name], bench, rps, args.duration, args.warmup)
+            except (TargetError, RuntimeError, OSError, subprocess.SubprocessError) as exc:
+                problems[f"{name} (fixed rate)"] = f"FAILED: {exc}"
+                continue
+            fixed_runs.setdefault(name, []).append(result)
+            print(f"bench:   p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms", flush=True)
+    fixed = {name: summarize_fixed(results) for name, results in fixed_runs.items()}
 
     print()
     print(
@@ -128,15 +136,19 @@ def execute(args: argparse.Namespace, targets: list[Target], bench: Bench) -> No
         print(ratio_matrix(summaries, "CPU µs/request, row ÷ column (<1: row is cheaper)", lambda s: s.cpu_us))
     if fixed:
         print()
-        print("Latency at a fixed rate of half the target's max (open-loop, timed from when each request was due):")
+        print(
+            "Latency at a fixed rate of half the target's max (open-loop, timed from when each request was due; "
+            "medians over the runs, and the range of p99):"
+        )
         print(fixed_rate_table(fixed))
-    save(args, runs, fixed, problems, started)
+    save(args, runs, fixed, fixed_runs, problems, started)
 
 
 def save(
     args: argparse.Namespace,
     runs: dict[str, list[Run]],
     fixed: dict[str, dict[str, float]],
+    fixed_runs: dict[str, list[dict[str, float]]],
     problems: dict[str, str],
     started: float,
 ) -> None:
@@ -146,6 +158,7 @@ def save(
         "args": {k: v for k, v in vars(args).items()},
         "runs": {name: [dataclasses.asdict(run) for run in rs] for name, rs in runs.items()},
         "fixed_rate": fixed,
+        "fixed_rate_runs": fixed_runs,
         "problems": problems,
     }
     path.write_text(json.dumps(record, indent=1))

@@ -138,14 +138,26 @@ def ratio_matrix(summaries: dict[str, Summary], title: str, get: Callable[[Summa
     return "\n".join([title, *_grid(["", *[f"[{i + 1}]" for i in range(len(names))]], rows)])
 
 
+def summarize_fixed(results: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Medians of the fixed-rate runs of one target, field by field; lost and non-2xx summed; p99's range."""
+    summary = {key: statistics.median(r[key] for r in results) for key in results[0]}
+    for key in ("errors", "non_2xx"):
+        summary[key] = sum(r[key] for r in results)
+    summary["p99_min_ms"] = min(r["p99_ms"] for r in results)
+    summary["p99_max_ms"] = max(r["p99_ms"] for r in results)
+    summary["runs"] = len(results)
+    return summary
+
+
 def fixed_rate_table(results: dict[str, dict[str, float]]) -> str:
-    headers = ["target", "max req/s", "offered req/s", "achieved", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms"]
+    headers = ["target", "runs", "max req/s", "offered req/s", "achieved", "p50 ms", "p90 ms", "p99 ms", "p99 range"]
     rows = []
     for name, r in results.items():
         rates = [f"{r[key]:,.0f}" for key in ("max_rps", "rate", "achieved_rps")]
-        latencies = [f"{r[key]:.2f}" for key in ("p50_ms", "p90_ms", "p99_ms", "p999_ms")]
+        latencies = [f"{r[key]:.2f}" for key in ("p50_ms", "p90_ms", "p99_ms")]
+        spread = f"{r['p99_min_ms']:.2f}–{r['p99_max_ms']:.2f}"
         outcome = [f"{r['errors']:.0f}/{r['non_2xx']:.0f}", _shared(r["others"], r["others_driver"])]
-        rows.append([name, *rates, *latencies, *outcome])
+        rows.append([name, f"{r['runs']:.0f}", *rates, *latencies, spread, *outcome])
     return "\n".join(_grid([*headers, "lost/non-2xx", ""], rows))
 
 
