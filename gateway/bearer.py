@@ -48,11 +48,10 @@ def check_syntax(token: str) -> None:
 
 
 def _from_authorization(values: Sequence[str]) -> str | None:
-    if len(values) != 1:  # the common case, one header, takes this one branch
-        if values:
-            raise errors.InvalidRequest("the Authorization header appears more than once")
+    value = _single(values, "the Authorization header")
+    if value is None:
         return None
-    scheme, _, credentials = values[0].partition(" ")
+    scheme, _, credentials = value.partition(" ")
     if scheme.lower() != "bearer":
         return None  # another scheme (Basic, ...) carries no bearer token: 401 with a Bearer challenge
     credentials = credentials.strip(" ")
@@ -61,7 +60,7 @@ def _from_authorization(values: Sequence[str]) -> str | None:
     return credentials
 
 
-def _single(values: list[str], what: str) -> str | None:
+def _single(values: Sequence[str], what: str) -> str | None:
     if len(values) > 1:
         raise errors.InvalidRequest(f"{what} appears more than once")
     return values[0] if values else None
