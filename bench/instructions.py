@@ -99,6 +99,7 @@ def main() -> None:
         raise SystemExit(f"bench.instructions: gateway targets without revocation only, not {args.only}")
     if subprocess.run(["valgrind", "--version"], capture_output=True, check=False).returncode != 0:
         raise SystemExit("bench.instructions: needs valgrind (Debian: apt-get install valgrind)")
+    system.ensure_packages()  # nginx, the upstream
     keys = tokens.ensure_keys()
     small, large = CONNECTIONS * 125, CONNECTIONS * 125 + args.requests
     token_sets = {}
