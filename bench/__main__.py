@@ -16,13 +16,26 @@ from pathlib import Path
 
 from bench import runner, wrk
 from bench.gateway_server import Compat
-from bench.report import Run, fixed_rate_table, main_table, ratio_matrix, summarize, summarize_fixed
+from bench.report import (
+    Run,
+    fixed_rate_table,
+    head_to_head_table,
+    main_table,
+    ratio_matrix,
+    summarize,
+    summarize_fixed,
+)
 from bench.servers import TargetError, start_nginx
 from bench.system import DRIVER_CORE, can_pin, ensure_packages
 from bench.targets import BY_NAME, TARGETS, Bench, Target
 from bench.tokens import RESULTS, WARM_TOKENS, ensure_keys, token_file
 
 FIXED_RATE_TARGETS = "gateway-rs256-warm,plain-aiohttp-pyjwt"
+# The issue's ratio targets, each measured head to head (both on core 0 at once) as well as from separate runs.
+PAIRS = (
+    "gateway-rs256-warm:gateway-none,gateway-rs256-warm:plain-aiohttp-pyjwt,"
+    "gateway-rs256-cold:plain-aiohttp-pyjwt,gateway-rs256-warm:haproxy-jwt-rs256"
+)
 
 
 def parse_args() -> argparse.Namespace:
@@ -38,6 +51,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--fixed-rate", default=FIXED_RATE_TARGETS, help="targets to measure at half their max rate ('' for none)"
     )
+    parser.add_argument(
+        "--pairs", default=PAIRS, help="first:second,... to run head to head on core 0, once per round ('' for none)"
+    )
+    parser.add_argument("--pairs-only", action="store_true", help="only the head-to-head runs")
     parser.add_argument("--soak", action="store_true", help="only a soak: steady load, RSS every minute")
     parser.add_argument("--soak-seconds", type=float, default=300.0)
     args = parser.parse_args()
@@ -45,7 +62,18 @@ def parse_args() -> argparse.Namespace:
     args.duration = args.duration or (3.0 if args.quick else 10.0)
     args.warmup = args.warmup if args.warmup is not None else (1.0 if args.quick else 2.0)
     args.cold_tokens = args.cold_tokens or (20_000 if args.quick else 200_000)
+    args.pair_targets = parse_pairs(args.pairs)
     return args
+
+
+def parse_pairs(text: str) -> list[tuple[Target, Target]]:
+    pairs = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        names = [name.strip() for name in item.split(":")]
+        if len(names) != 2 or any(name not in BY_NAME for name in names) or names[0] == names[1]:
+            raise SystemExit(f"bench: --pairs wants first:second of two target names (see --list), not {item!r}")
+        pairs.append((BY_NAME[names[0]], BY_NAME[names[1]]))
+    return pairs
 
 
 def select(only: str | None, soak: bool) -> list[Target]:
@@ -82,7 +110,7 @@ def main() -> None:
         os.sched_setaffinity(0, {DRIVER_CORE})
     else:
         print("bench: WARNING: cores 0 and 1 are not both available; running unpinned", flush=True)
-    token_files = prepare_tokens(targets, args.cold_tokens)
+    token_files = prepare_tokens(targets + [t for pair in args.pair_targets for t in pair], args.cold_tokens)
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         workdir = Path(tmp)
         upstream, upstream_port = start_nginx(workdir, DRIVER_CORE)
@@ -101,7 +129,10 @@ def main() -> None:
 
 def execute(args: argparse.Namespace, targets: list[Target], bench: Bench) -> None:
     started = time.time()
-    runs, problems = runner.rounds(targets, bench, args.rounds, args.duration, args.warmup)
+    runs: dict[str, list[Run]] = {}
+    problems: dict[str, str] = {}
+    if not args.pairs_only:
+        runs, problems = runner.rounds(targets, bench, args.rounds, args.duration, args.warmup)
     summaries = {t.name: summarize(runs[t.name]) for t in targets if t.name in runs}
     # As many fixed-rate runs as rounds, interleaved: one run's p99 is at the mercy of a slow spell of the VM.
     fixed_runs: dict[str, list[dict[str, float]]] = {}
@@ -118,6 +149,7 @@ def execute(args: argparse.Namespace, targets: list[Target], bench: Bench) -> No
             fixed_runs.setdefault(name, []).append(result)
             print(f"bench:   p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms", flush=True)
     fixed = {name: summarize_fixed(results) for name, results in fixed_runs.items()}
+    pairs = head_to_head(args, bench, problems)
 
     print()
     print(
@@ -125,8 +157,11 @@ def execute(args: argparse.Namespace, targets: list[Target], bench: Bench) -> No
         f"server on core 0, wrk + upstream nginx on core 1; medians over rounds"
     )
     print(f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M')}")
-    print()
-    print(main_table(summaries, problems))
+    if summaries:
+        print()
+        print(main_table(summaries, problems))
+    elif problems:
+        print("\n".join(f"{name}: {why}" for name, why in problems.items()))
     for note in bench.compat.notes:
         print(note)
     if len(summaries) > 1:
@@ -141,7 +176,43 @@ def execute(args: argparse.Namespace, targets: list[Target], bench: Bench) -> No
             "medians over the runs, and the range of p99):"
         )
         print(fixed_rate_table(fixed))
-    save(args, runs, fixed, fixed_runs, problems, started)
+    if pairs:
+        print()
+        print(
+            "Head to head: both targets on core 0 at once, each under its own wrk, so the two are measured in the same "
+            "seconds (the VM's slow spells hit both). first ÷ second = second's CPU µs/req ÷ first's: the throughput "
+            "ratio at equal CPU. Sharing the core makes each one's batches larger than when alone, so the µs are lower "
+            "than in the table above; the ratio is what to read."
+        )
+        print(head_to_head_table(pairs))
+    save(args, runs, fixed, fixed_runs, pairs, problems, started)
+
+
+def head_to_head(
+    args: argparse.Namespace, bench: Bench, problems: dict[str, str]
+) -> dict[tuple[str, str], list[dict[str, float]]]:
+    """Each pair once per round, interleaved like the rounds above."""
+    pairs: dict[tuple[str, str], list[dict[str, float]]] = {}
+    for number in range(1, args.rounds + 1):
+        for first, second in args.pair_targets:
+            key = (first.name, second.name)
+            if f"{first.name} : {second.name}" in problems:
+                continue
+            print(f"bench: head to head {number}/{args.rounds} {first.name} : {second.name} ...", end=" ", flush=True)
+            try:
+                result = runner.head_to_head(first, second, bench, args.duration, args.warmup)
+            except (TargetError, RuntimeError, OSError, subprocess.SubprocessError) as exc:
+                problems[f"{first.name} : {second.name}"] = f"FAILED: {exc}"
+                print("FAILED", flush=True)
+                print(f"  {exc}".replace("\n", "\n  "), flush=True)
+                continue
+            pairs.setdefault(key, []).append(result)
+            ratio = result["second_cpu_us"] / result["first_cpu_us"]
+            print(
+                f"{result['first_cpu_us']:.0f} / {result['second_cpu_us']:.0f} µs CPU/req, ratio {ratio:.2f}x",
+                flush=True,
+            )
+    return pairs
 
 
 def save(
@@ -149,16 +220,18 @@ def save(
     runs: dict[str, list[Run]],
     fixed: dict[str, dict[str, float]],
     fixed_runs: dict[str, list[dict[str, float]]],
+    pairs: dict[tuple[str, str], list[dict[str, float]]],
     problems: dict[str, str],
     started: float,
 ) -> None:
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / time.strftime("run-%Y%m%d-%H%M%S.json", time.localtime(started))
     record = {
-        "args": {k: v for k, v in vars(args).items()},
+        "args": {k: v for k, v in vars(args).items() if k != "pair_targets"},
         "runs": {name: [dataclasses.asdict(run) for run in rs] for name, rs in runs.items()},
         "fixed_rate": fixed,
         "fixed_rate_runs": fixed_runs,
+        "head_to_head": {f"{first}:{second}": results for (first, second), results in pairs.items()},
         "problems": problems,
     }
     path.write_text(json.dumps(record, indent=1))

@@ -161,6 +161,29 @@ def fixed_rate_table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(_grid([*headers, "lost/non-2xx", ""], rows))
 
 
+def head_to_head_table(pairs: dict[tuple[str, str], list[dict[str, float]]]) -> str:
+    """Per pair: CPU µs/request of each (medians over the rounds) and first ÷ second as a throughput ratio (the
+    inverse ratio of CPU per request), its median and its range over the rounds."""
+    headers = ["first", "second", "rounds", "CPU µs/req", "core share", "first ÷ second", "range"]
+    rows = []
+    for (first, second), results in pairs.items():
+        ratios = [r["second_cpu_us"] / r["first_cpu_us"] for r in results]
+        cpu = [statistics.median(r[key] for r in results) for key in ("first_cpu_us", "second_cpu_us")]
+        share = [statistics.median(r[key] for r in results) for key in ("first_share", "second_share")]
+        rows.append(
+            [
+                first,
+                second,
+                str(len(results)),
+                f"{cpu[0]:.0f} / {cpu[1]:.0f}",
+                f"{share[0]:.0%} / {share[1]:.0%}",
+                f"{statistics.median(ratios):.2f}x",
+                f"{min(ratios):.2f}–{max(ratios):.2f}",
+            ]
+        )
+    return "\n".join(_grid(headers, rows))
+
+
 def _grid(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=False)]
 

@@ -6,6 +6,7 @@ import json
 import subprocess
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 
@@ -130,6 +131,44 @@ def rounds(
                 flush=True,
             )
     return {name: r for name, r in runs.items() if r}, problems
+
+
+def head_to_head(first: Target, second: Target, bench: Bench, seconds: float, warmup: float) -> dict[str, float]:
+    """Both targets on the server core at once, each under its own wrk on the driver core.
+
+    While both are saturated the scheduler gives each about half the core, so each one's CPU time per request is
+    taken in the same seconds, under the same slow spells of the VM: their ratio holds still where the ratio of
+    two separate runs moves by tens of percent. Both start afresh (a cold target's tokens are unseen)."""
+    with launch(first, bench) as a, launch(second, bench) as b:
+        _warm_up(first, bench, a, warmup)
+        _warm_up(second, bench, b, warmup)
+        before = [cpu_seconds(a.process.pid), cpu_seconds(b.process.pid)]
+        with ThreadPoolExecutor(2) as pool:
+            loads = [
+                pool.submit(wrk.run, _url(running), bench.scripts[target.tokens], seconds, bench.connections)
+                for target, running in ((first, a), (second, b))
+            ]
+            results = [load.result() for load in loads]
+        after = [cpu_seconds(a.process.pid), cpu_seconds(b.process.pid)]
+        for target, running in ((first, a), (second, b)):
+            if running.process.popen.poll() is not None:
+                raise TargetError(f"{target.name} exited during the run:\n{running.process.log_tail()}")
+    for target, result in zip((first, second), results, strict=True):
+        if result.non_2xx or result.socket_errors or (target.tokens.endswith("-cold") and result.wraps):
+            raise RuntimeError(
+                f"{target.name}: {result.non_2xx} non-2xx, {result.socket_errors} socket errors, "
+                f"{result.wraps} token wraps: not a valid run"
+            )
+    cpu = [(after[i] - before[i]) * 1e6 / results[i].requests for i in range(2)]
+    share = [(after[i] - before[i]) / results[i].seconds for i in range(2)]
+    return {
+        "first_rps": results[0].rps,
+        "second_rps": results[1].rps,
+        "first_cpu_us": cpu[0],
+        "second_cpu_us": cpu[1],
+        "first_share": share[0],
+        "second_share": share[1],
+    }
 
 
 def _openloop(running: Running, bench: Bench, tokens: Path, rate: float, seconds: float) -> subprocess.Popen[str]:
