@@ -57,7 +57,7 @@ class Judge:
             return self._admitted(self._introspect(token))
         if identity is not None:
             return self._admit(identity)
-        return self._admitted(self._verify_new(token, digest))
+        return self._verify_new(token, digest)
 
     def _admit(self, identity: Identity) -> Identity:
         # Revocation before the route's rules: a revoked token is reported as revoked, whatever its scopes.
@@ -72,14 +72,17 @@ class Judge:
         # No b64token check (check_syntax) before a JWT is parsed: JWT parsing is stricter (three base64url segments
         # and two dots are a b64token). Only a token that is not a JWT of the route's issuers needs it, so that a
         # malformed bearer token is answered 400 invalid_request, as RFC 6750 §3.1 says, not 401.
+        identity: Identity | None
         try:
-            return await self.verifier.verify_new(token, digest, self.issuers)
+            identity = await self.verifier.verify_new(token, digest, self.issuers)
         except NotMine as exc:
             check_syntax(token)
             if self.mode == "jwt":
                 raise exc.error from None
-        # Not a JWT, or not from one of this route's issuers: the authorization server decides.
-        return await self._introspect(token)
+            identity = None
+        if identity is None:  # not a JWT, or not from one of this route's issuers: the authorization server decides
+            identity = await self._introspect(token)
+        return self._admit(identity)
 
     async def _introspect(self, token: str) -> Identity:
         assert self.introspector is not None  # noqa: S101 - __post_init__ checks

@@ -91,48 +91,30 @@ class JwtVerifier:
         issuer = self._by_iss.get(iss) if isinstance(iss, str) else None
         if issuer is None or issuer.settings.name not in allowed:
             raise NotMine(errors.WrongIssuer())
-        identity, key = await self._verify_signed(token, header, claims, signature, issuer)
-        assert identity.expires_at is not None  # noqa: S101 - _check_claims requires exp
-        self._cache.put(digest, Verified(identity, issuer, key, identity.expires_at + issuer.settings.leeway))
-        return identity
-
-    async def _verify_signed(
-        self, token: str, header: dict[str, Any], claims: dict[str, Any], signature: bytes, issuer: IssuerKeys
-    ) -> tuple[Identity, VerificationKey]:
-        settings = issuer.settings
-        alg = header.get("alg")
-        if not isinstance(alg, str) or alg not in settings.algorithms:
-            raise errors.AlgorithmNotAllowed()
-        if "crit" in header:
-            raise errors.UnsupportedCritical()  # we implement no JWS extension (RFC 7515 §4.1.11)
-        if settings.require_typ is not None and not _typ_matches(header.get("typ"), settings.require_typ):
-            raise errors.WrongType()
-        kid = header.get("kid")
-        if ("kid" in header and not isinstance(kid, str)) or header.get("b64", True) is not True:
-            raise errors.Malformed()  # as pyjwt: a kid is a string; an unencoded payload (RFC 7797) is not a JWT
-        for name in ("exp", "nbf", "iat"):
-            value = claims.get(name)
-            if value is not None and not _is_numeric_date(value):
-                # pyjwt would take "exp": "1700000000" (it calls int()), and 10**400 later overflows float():
-                # a NumericDate is a finite JSON number (RFC 7519 §2), anything else is malformed.
-                raise errors.Malformed()
-        key = await self._find_key(issuer, kid, alg)
+        alg, kid = _check_header(header, claims, issuer)
+        # Awaited only when the issuer's keys must be fetched first: a new token is otherwise one coroutine deep.
+        key = _known_key(issuer, kid, alg)
+        if key is None:
+            key = await self._fetched_key(issuer, kid, alg)
         if alg not in key.algorithms:
             raise errors.AlgorithmNotAllowed()
         _check_signature(token, signature, alg, key)
+        settings = issuer.settings
         _check_claims(claims, settings.issuer, settings.audiences, settings.leeway, self._clock())
-        return self._identity(claims, issuer, kid), key
+        identity = self._identity(claims, issuer, kid)
+        assert identity.expires_at is not None  # noqa: S101 - _check_claims requires exp
+        self._cache.put(digest, Verified(identity, issuer, key, identity.expires_at + settings.leeway))
+        return identity
 
-    async def _find_key(self, issuer: IssuerKeys, kid: str | None, alg: str) -> VerificationKey:
+    async def _fetched_key(self, issuer: IssuerKeys, kid: str | None, alg: str) -> VerificationKey:
+        """The key, after fetching the issuer's keys: at start-up they may not have arrived, and an unknown kid may
+        mean the issuer rotated (refetched at most once per cool-down)."""
         keys = issuer.keys
-        if keys is None:
+        if keys is None or not keys.has_kid(kid):
             await issuer.refresh_for_unknown_kid()
-            keys = issuer.keys
-            if keys is None:
-                raise errors.KeysUnavailable()
-        key = keys.find(kid, alg)
-        if key is None and not keys.has_kid(kid) and await issuer.refresh_for_unknown_kid():
-            key = issuer.keys.find(kid, alg) if issuer.keys is not None else None
+        if issuer.keys is None:
+            raise errors.KeysUnavailable()
+        key = issuer.keys.find(kid, alg)
         if key is None:
             raise errors.UnknownKey()
         return key
@@ -160,6 +142,34 @@ class JwtVerifier:
             long_lived=settings.issuer == self._own_issuer or lifetime > settings.long_lived_after,
             key_id=kid,
         )
+
+
+def _check_header(header: dict[str, Any], claims: dict[str, Any], issuer: IssuerKeys) -> tuple[str, str | None]:
+    """The header's alg and kid, once the header and the date claims' types pass the issuer's rules."""
+    settings = issuer.settings
+    alg = header.get("alg")
+    if not isinstance(alg, str) or alg not in settings.algorithms:
+        raise errors.AlgorithmNotAllowed()
+    if "crit" in header:
+        raise errors.UnsupportedCritical()  # we implement no JWS extension (RFC 7515 §4.1.11)
+    if settings.require_typ is not None and not _typ_matches(header.get("typ"), settings.require_typ):
+        raise errors.WrongType()
+    kid = header.get("kid")
+    if ("kid" in header and not isinstance(kid, str)) or header.get("b64", True) is not True:
+        raise errors.Malformed()  # as pyjwt: a kid is a string; an unencoded payload (RFC 7797) is not a JWT
+    for name in ("exp", "nbf", "iat"):
+        value = claims.get(name)
+        if value is not None and not _is_numeric_date(value):
+            # pyjwt would take "exp": "1700000000" (it calls int()), and 10**400 later overflows float():
+            # a NumericDate is a finite JSON number (RFC 7519 §2), anything else is malformed.
+            raise errors.Malformed()
+    return alg, kid
+
+
+def _known_key(issuer: IssuerKeys, kid: str | None, alg: str) -> VerificationKey | None:
+    """The key for kid and alg among the issuer's current keys; None when they must be fetched first."""
+    keys = issuer.keys
+    return keys.find(kid, alg) if keys is not None else None
 
 
 def _peek(token: str) -> tuple[dict[str, Any], dict[str, Any], bytes]:
