@@ -20,7 +20,7 @@ from gateway.identity import Identity
 from gateway.metrics import Metrics
 from gateway.revocation import Mirror, RevocationCheck
 from gateway.store import MemoryStore, Revocation
-from gateway.verify import Judge
+from gateway.verify import Judge, jwt_local
 from gateway.verify.cache import TokenCache, token_digest
 from gateway.verify.jwks import IssuerKeys
 from gateway.verify.jwt_local import JwtVerifier, NotMine, Verified, _b64decode, _peek, _typ_matches
@@ -309,6 +309,27 @@ def test_a_jose_header_not_in_utf8_is_malformed() -> None:
     utf16_header = base64.urlsafe_b64encode('{"alg":"RS256"}'.encode("utf-16")).rstrip(b"=").decode()
     with pytest.raises(NotMine):
         _peek(f"{utf16_header}.eyJhIjoxfQ.c2ln")
+
+
+def test_parsed_headers_are_remembered_boundedly_and_give_the_same_answers() -> None:
+    """A header segment seen before is not decoded again; the memo stays bounded whatever headers arrive, skips
+    oversized ones, and a remembered header still goes with whatever claims and signature the token has."""
+    jwt_local._HEADERS.clear()
+    header = b64({"alg": "RS256", "kid": "k1", "typ": "at+jwt"})
+    first = _peek(f"{header}.{b64({'sub': 'a'})}.c2ln")
+    again = _peek(f"{header}.{b64({'sub': 'b'})}.c2lnMg")
+    assert again[0] is first[0] == {"alg": "RS256", "kid": "k1", "typ": "at+jwt"}
+    assert (again[1], again[2]) == ({"sub": "b"}, b"sig2")
+    with pytest.raises(NotMine):  # a known header does not make a malformed payload or signature pass
+        _peek(f"{header}.bm90IGpzb24.c2ln")
+    with pytest.raises(NotMine):
+        _peek(f"{header}.{b64({'sub': 'a'})}.c2ln=")
+    for n in range(jwt_local._MAX_HEADERS + 10):
+        _peek(f"{b64({'alg': 'RS256', 'kid': f'k{n}'})}.{b64({'sub': 'a'})}.c2ln")
+        assert len(jwt_local._HEADERS) <= jwt_local._MAX_HEADERS
+    big = b64({"alg": "RS256", "kid": "x" * jwt_local._MAX_HEADER_CHARS})
+    assert _peek(f"{big}.{b64({'sub': 'a'})}.c2ln")[0]["alg"] == "RS256"
+    assert big not in jwt_local._HEADERS
 
 
 @pytest.mark.parametrize(
