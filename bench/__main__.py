@@ -70,7 +70,7 @@ def parse_pairs(text: str) -> list[tuple[Target, Target]]:
     pairs = []
     for item in filter(None, (part.strip() for part in text.split(","))):
         names = [name.strip() for name in item.split(":")]
-        if len(names) != 2 or any(name not in BY_NAME for name in names) or names[0] == names[1]:
+        if len(names) != 2 or any(name not in BY_NAME for name in names):
             raise SystemExit(f"bench: --pairs wants first:second of two target names (see --list), not {item!r}")
         pairs.append((BY_NAME[names[0]], BY_NAME[names[1]]))
     return pairs
