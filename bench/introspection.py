@@ -27,7 +27,7 @@ import os
 import secrets
 import sys
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -107,6 +107,7 @@ def serve(port: int, tokens: Path, client_id: str) -> None:
     app = web.Application()
     app.router.add_post("/introspect", introspect)
     app.router.add_get("/stats", stats)
+    loop: asyncio.AbstractEventLoop
     try:
         import uvloop
 
@@ -254,7 +255,7 @@ def throughput(h: Harness, rounds: int, seconds: float, warmup: float) -> None:
     runs: dict[str, list[Run]] = {"introspect": [], "jwt": []}
     pairs: dict[str, list[Run]] = {"introspect": [], "jwt": []}
     during: Counter[str] = Counter()
-    cache: Counter[str] = Counter()
+    cache: dict[str, float] = defaultdict(float)
     print(f"throughput: {rounds} rounds × {seconds:g} s; tokens of {len(first_token(jwts))} characters", flush=True)
     with endpoint(h, opaque) as port:
         for round_no in range(rounds):

@@ -442,9 +442,9 @@ def propagation(h: Harness, revoked: int, trials: int, resync: str | None) -> No
         for number, gateway in enumerate(gateways, 1):
             expect(gateway.port, tokens[0][0], 200, f"gateway #{number}, valid token")
             expect(gateway.port, probe, 401, f"gateway #{number}, pre-loaded revoked token")
-            mirrored = metric_sum(metrics(gateway.admin), "gateway_revoked_tokens")
-            if mirrored != revoked + 1:
-                raise TargetError(f"gateway #{number}: mirror holds {mirrored:.0f} entries, not {revoked + 1}")
+            held = metric_sum(metrics(gateway.admin), "gateway_revoked_tokens")
+            if held != revoked + 1:
+                raise TargetError(f"gateway #{number}: mirror holds {held:.0f} entries, not {revoked + 1}")
         print(
             f"propagation: {GATEWAYS} gateways ready, each mirroring {revoked + 1:,} entries; {trials} trials",
             flush=True,
@@ -641,7 +641,7 @@ def check_cost(prefix: str, loops: int = 200) -> tuple[float, float, float, floa
             started = time.perf_counter()
             for _ in range(loops):
                 for identity in identities:
-                    check.check(identity, policy, False)  # type: ignore[arg-type]
+                    check.check(identity, policy, False)
             best = min(best, time.perf_counter() - started)
         cost[policy] = best / (loops * len(identities)) * 1e6
     return cost["always"], cost["never"], sync_wall, sync_cpu, len(mirror.jtis)
