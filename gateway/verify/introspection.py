@@ -301,7 +301,8 @@ class Introspector:
         self._in_flight: dict[bytes, asyncio.Task[Answer]] = {}
         self._slots = asyncio.Semaphore(settings.max_concurrency)
         self._calls = {outcome: metrics.introspection_requests.labels(settings.name, outcome) for outcome in OUTCOMES}
-        self._hit, self._miss = metrics.introspection_cache.labels("hit"), metrics.introspection_cache.labels("miss")
+        self._hit = metrics.counter(metrics.introspection_cache.labels("hit"))
+        self._miss = metrics.counter(metrics.introspection_cache.labels("miss"))
         self._duration = metrics.introspection_duration.labels(settings.name)
         self._breaker_open = metrics.introspection_breaker.labels(settings.name)
         self._breaker_open.set(0)
@@ -316,9 +317,18 @@ class Introspector:
         """True when a reload may keep this client (and its cache and breaker) for `settings`."""
         return settings == self.settings and ClientAuth.resolve(settings) == self.auth
 
-    async def introspect(self, token: str) -> Identity:
+    def cached(self, digest: bytes) -> Identity | None:
+        """Judge a token (by its `token_digest`) on an answer still fresh in this instance's memory, with nothing to
+        await: the common case. None when the shared cache, a call in flight or a new call must answer."""
+        entry = self._cache.get(digest)
+        if entry is None or entry.until <= self.clock():
+            return None
+        self._hit.inc()
+        return judge_answer(entry.answer, self.settings, self.clock())
+
+    async def introspect(self, token: str, digest: bytes | None = None) -> Identity:
         """Judge `token` by the endpoint's answer: from a cache, or from one call however many ask at once."""
-        answer = await self._answer(token_digest(token), token)
+        answer = await self._answer(digest if digest is not None else token_digest(token), token)
         return judge_answer(answer, self.settings, self.clock())
 
     async def _answer(self, digest: bytes, token: str) -> Answer:

@@ -43,18 +43,19 @@ class Judge:
     def judge(self, token: str) -> Identity | Awaitable[Identity]:
         """The identity the token speaks for, with the route's rules applied; raises the refusal.
 
-        A JWT verified before is judged at once, with nothing to await: the common case, kept free of coroutine
-        layers. Otherwise the result is an awaitable that verifies the signature or asks introspection."""
+        A JWT verified before, or a token whose introspection answer is cached in memory, is judged at once, with
+        nothing to await: the common case, kept free of coroutine layers. Otherwise the result is an awaitable that
+        verifies the signature or asks introspection."""
         if self.mode == "introspect":
             check_syntax(token)
-            return self._admitted(self._introspect(token))
+            return self._introspected(token, token_digest(token))
         digest = token_digest(token)
         try:
             identity = self.verifier.cached(digest, self.issuers)
         except NotMine as exc:
             if self.mode == "jwt":
                 raise exc.error from None
-            return self._admitted(self._introspect(token))
+            return self._introspected(token, digest)
         if identity is not None:
             return self._admit(identity)
         return self._verify_new(token, digest)
@@ -81,9 +82,17 @@ class Judge:
                 raise exc.error from None
             identity = None
         if identity is None:  # not a JWT, or not from one of this route's issuers: the authorization server decides
-            identity = await self._introspect(token)
+            identity = await self._introspect(token, digest)
         return self._admit(identity)
 
-    async def _introspect(self, token: str) -> Identity:
+    def _introspected(self, token: str, digest: bytes) -> Identity | Awaitable[Identity]:
+        """As `judge`, by introspection: an answer cached in memory is judged at once, anything else awaited."""
         assert self.introspector is not None  # noqa: S101 - __post_init__ checks
-        return await self.introspector.introspect(token)
+        identity = self.introspector.cached(digest)
+        if identity is not None:
+            return self._admit(identity)
+        return self._admitted(self.introspector.introspect(token, digest))
+
+    async def _introspect(self, token: str, digest: bytes) -> Identity:
+        assert self.introspector is not None  # noqa: S101 - __post_init__ checks
+        return await self.introspector.introspect(token, digest)
