@@ -313,7 +313,7 @@ def test_a_jose_header_not_in_utf8_is_malformed() -> None:
 
 def test_parsed_headers_are_remembered_boundedly_and_give_the_same_answers() -> None:
     """A header segment seen before is not decoded again; the memo stays bounded whatever headers arrive, skips
-    oversized ones, and a remembered header still goes with whatever claims and signature the token has."""
+    oversized ones (in characters or members), and a remembered header still goes with whatever claims and signature the token has."""
     jwt_local._HEADERS.clear()
     header = b64({"alg": "RS256", "kid": "k1", "typ": "at+jwt"})
     first = _peek(f"{header}.{b64({'sub': 'a'})}.c2ln")
@@ -330,6 +330,9 @@ def test_parsed_headers_are_remembered_boundedly_and_give_the_same_answers() -> 
     big = b64({"alg": "RS256", "kid": "x" * jwt_local._MAX_HEADER_CHARS})
     assert _peek(f"{big}.{b64({'sub': 'a'})}.c2ln")[0]["alg"] == "RS256"
     assert big not in jwt_local._HEADERS
+    many = b64({"alg": "RS256", **{f"m{n}": 1 for n in range(jwt_local._MAX_HEADER_MEMBERS)}})
+    assert _peek(f"{many}.{b64({'sub': 'a'})}.c2ln")[0]["alg"] == "RS256"
+    assert many not in jwt_local._HEADERS
 
 
 @pytest.mark.parametrize(

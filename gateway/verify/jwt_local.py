@@ -191,7 +191,7 @@ def _peek(token: str) -> tuple[dict[str, Any], dict[str, Any], bytes]:
         raise NotMine(errors.Malformed()) from None
     if not isinstance(header, dict) or not isinstance(claims, dict):
         raise NotMine(errors.Malformed())
-    if known is None and len(parts[0]) <= _MAX_HEADER_CHARS:
+    if known is None and len(parts[0]) <= _MAX_HEADER_CHARS and len(header) <= _MAX_HEADER_MEMBERS:
         if len(_HEADERS) >= _MAX_HEADERS:
             _HEADERS.clear()  # a flood of distinct headers only costs the memo its use
         _HEADERS[parts[0]] = header
@@ -222,7 +222,7 @@ def _check_signature(token: str, signature: bytes, alg: str, key: VerificationKe
 
 def _check_claims(claims: dict[str, Any], issuer: str, audiences: tuple[str, ...], leeway: float, now: float) -> None:
     """exp (required), iat, nbf, iss, aud, sub and jti, as pyjwt's decode checks them (same order, same integer
-    truncation of NumericDates). The dates are known to be finite numbers or null (see _verify_signed)."""
+    truncation of NumericDates). The dates are known to be finite numbers or null (see _check_header)."""
     if claims.get("exp") is None:
         raise errors.MissingClaim()
     for name in ("iat", "nbf"):
@@ -253,7 +253,9 @@ def _check_claims(claims: dict[str, Any], issuer: str, audiences: tuple[str, ...
 # decoding one costs ~2 µs of the ~35 µs a new token costs in Python.
 _HEADERS: dict[str, dict[str, Any]] = {}
 _MAX_HEADERS = 256
-_MAX_HEADER_CHARS = 512  # real headers are ~40-200 characters; this bounds the memo at a few hundred KB
+# Real headers are ~40-200 characters with 2-6 members; these bound the memo at a few hundred KB.
+_MAX_HEADER_CHARS = 512
+_MAX_HEADER_MEMBERS = 16
 _TO_STANDARD = bytes.maketrans(b"-_", b"+/")
 _LAST_OF_3 = "AEIMQUYcgkosw048"  # the characters whose two low bits are zero
 _ALGORITHMS = {name: jwt.get_algorithm_by_name(name) for name in jwt.algorithms.get_default_algorithms()}
