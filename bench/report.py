@@ -11,6 +11,8 @@ from bench.targets import BASELINE_LABELS, BASELINES
 MB = 1024 * 1024
 # Above this share of the server's core taken by other processes, a row is flagged as noisy.
 NOISY = 0.05
+# Above this idle share of the server core, a head-to-head pair did not saturate it.
+IDLE = 0.05
 
 
 @dataclass(frozen=True)
@@ -161,15 +163,28 @@ def fixed_rate_table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(_grid([*headers, "lost/non-2xx", ""], rows))
 
 
+def clean_pair_round(result: dict[str, float]) -> bool:
+    """The pair kept the server core busy: when it idles, a target waited (on its wrk or the upstream) rather than
+    ran, and the two did not meet the same conditions. Others using the core (the VM's steal included) hit both
+    alike, so they are reported in the JSON but do not disqualify a round."""
+    return result["idle"] <= IDLE
+
+
 def head_to_head_table(pairs: dict[tuple[str, str], list[dict[str, float]]]) -> str:
     """Per pair: CPU µs/request of each (medians over the rounds) and first ÷ second as a throughput ratio (the
-    inverse ratio of CPU per request), its median and its range over the rounds."""
+    inverse ratio of CPU per request), its median and its range over the rounds. Rounds in which the core was not
+    saturated by the pair, or others used it, are left out when a clean round remains."""
     headers = ["first", "second", "rounds", "CPU µs/req", "core share", "first ÷ second", "range"]
     rows = []
-    for (first, second), results in pairs.items():
+    for (first, second), all_results in pairs.items():
+        results = [r for r in all_results if clean_pair_round(r)] or all_results
         ratios = [r["second_cpu_us"] / r["first_cpu_us"] for r in results]
         cpu = [statistics.median(r[key] for r in results) for key in ("first_cpu_us", "second_cpu_us")]
         share = [statistics.median(r[key] for r in results) for key in ("first_share", "second_share")]
+        dropped = len(all_results) - len(results)
+        flag = f"{dropped} round(s) left out (core 0 idle more than {IDLE:.0%})" if dropped else ""
+        if not any(clean_pair_round(r) for r in results):
+            flag = "no round had core 0 saturated by the pair alone: the ratio may mislead"
         rows.append(
             [
                 first,
@@ -179,9 +194,10 @@ def head_to_head_table(pairs: dict[tuple[str, str], list[dict[str, float]]]) -> 
                 f"{share[0]:.0%} / {share[1]:.0%}",
                 f"{statistics.median(ratios):.2f}x",
                 f"{min(ratios):.2f}–{max(ratios):.2f}",
+                flag,
             ]
         )
-    return "\n".join(_grid(headers, rows))
+    return "\n".join(_grid([*headers, ""], rows))
 
 
 def _grid(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:

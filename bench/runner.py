@@ -13,7 +13,17 @@ from types import TracebackType
 from bench import openloop, wrk
 from bench.report import MB, Run
 from bench.servers import TargetError, TargetSkipped
-from bench.system import DRIVER_CORE, REPO, CpuSnapshot, cpu_seconds, pinned, rss_bytes
+from bench.system import (
+    DRIVER_CORE,
+    REPO,
+    SERVER_CORE,
+    CpuSnapshot,
+    core_busy_seconds,
+    core_idle_seconds,
+    cpu_seconds,
+    pinned,
+    rss_bytes,
+)
 from bench.targets import Bench, Running, Target, launch
 
 
@@ -143,6 +153,7 @@ def head_to_head(first: Target, second: Target, bench: Bench, seconds: float, wa
         _warm_up(first, bench, a, warmup)
         _warm_up(second, bench, b, warmup)
         before = [cpu_seconds(a.process.pid), cpu_seconds(b.process.pid)]
+        core_before, idle_before = core_busy_seconds(SERVER_CORE), core_idle_seconds(SERVER_CORE)
         with ThreadPoolExecutor(2) as pool:
             loads = [
                 pool.submit(wrk.run, _url(running), bench.scripts[target.tokens], seconds, bench.connections)
@@ -150,18 +161,29 @@ def head_to_head(first: Target, second: Target, bench: Bench, seconds: float, wa
             ]
             results = [load.result() for load in loads]
         after = [cpu_seconds(a.process.pid), cpu_seconds(b.process.pid)]
+        core = core_busy_seconds(SERVER_CORE) - core_before
+        idle = core_idle_seconds(SERVER_CORE) - idle_before
         for target, running in ((first, a), (second, b)):
             if running.process.popen.poll() is not None:
                 raise TargetError(f"{target.name} exited during the run:\n{running.process.log_tail()}")
     for target, result in zip((first, second), results, strict=True):
-        if result.non_2xx or result.socket_errors or (target.tokens.endswith("-cold") and result.wraps):
+        if (
+            not result.requests
+            or result.non_2xx
+            or result.socket_errors
+            or (target.tokens.endswith("-cold") and result.wraps)
+        ):
             raise RuntimeError(
                 f"{target.name}: {result.non_2xx} non-2xx, {result.socket_errors} socket errors, "
                 f"{result.wraps} token wraps: not a valid run"
             )
     cpu = [(after[i] - before[i]) * 1e6 / results[i].requests for i in range(2)]
     share = [(after[i] - before[i]) / results[i].seconds for i in range(2)]
+    seconds = max(result.seconds for result in results)
     return {
+        # Whether the pair kept the server core busy (an idle core means one waited, not ran), and what else ran.
+        "idle": idle / seconds,
+        "others": max(0.0, core - sum(after[i] - before[i] for i in range(2))) / seconds,
         "first_rps": results[0].rps,
         "second_rps": results[1].rps,
         "first_cpu_us": cpu[0],

@@ -126,6 +126,15 @@ def core_busy_seconds(core: int) -> float:
     raise RuntimeError(f"no cpu{core} in /proc/stat")
 
 
+def core_idle_seconds(core: int) -> float:
+    """Time core `core` spent idle (idle + iowait in /proc/stat)."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith(f"cpu{core} "):
+            idle, iowait = (int(v) for v in line.split()[4:6])
+            return (idle + iowait) / CLK_TCK
+    raise RuntimeError(f"no cpu{core} in /proc/stat")
+
+
 @dataclass(frozen=True)
 class CpuSnapshot:
     """CPU seconds so far: the server's, the driver side's (harness, its reaped children such as wrk, and
