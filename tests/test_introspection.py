@@ -385,6 +385,27 @@ async def test_exp_in_the_answer_bounds_the_cache(
     assert (status, auth_server.calls) == (401, 2)
 
 
+async def test_a_cached_answer_is_judged_at_each_hit_until_it_passes_then_only_its_dates(
+    auth_server: AuthServer, upstream: Upstream, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """An answer not valid yet is refused from the cache, and accepted from it once nbf has passed; the accepted
+    judgement is kept, and exp still ends it (here the cache's own bound, exp, ends the entry first)."""
+    clock = Clock()
+    token = auth_server.issue(nbf=int(clock.now) + 10, exp=int(clock.now) + 30)
+    async with gateway(config(auth_server, upstream, cache_ttl="60s"), tmp_path, clock) as gw:
+        assert (await call(http, gw, "/orders", token))[0] == 401
+        clock.advance(11)
+        assert (await call(http, gw, "/orders", token))[0] == 200  # from the cache, judged again: valid now
+        clock.advance(1)
+        assert (await call(http, gw, "/orders", token))[0] == 200  # the kept judgement
+        assert auth_server.calls == 1
+        assert decisions(gw, "orders", "deny", "not_yet_valid") == 1
+        clock.advance(19)  # past exp: asked again, and refused
+        assert (await call(http, gw, "/orders", token))[0] == 401
+        assert decisions(gw, "orders", "deny", "expired") == 1
+    assert auth_server.calls == 2
+
+
 @pytest.mark.parametrize(("negative_ttl", "calls_for_two"), [("0s", 2), ("30s", 1)])
 async def test_negative_answers_are_cached_only_when_configured(
     negative_ttl: str,

@@ -267,10 +267,21 @@ def _identity(answer: Answer, endpoint: str) -> Identity:
     )
 
 
-@dataclass(frozen=True, slots=True)
+def _rejudged(entry: _Entry, now: float) -> Identity:
+    """The identity of an answer judged acceptable before, if it still is at `now`."""
+    _check_exp(entry.answer, now)
+    _check_nbf(entry.answer, now)
+    assert entry.identity is not None  # noqa: S101 - callers check
+    return entry.identity
+
+
+@dataclass(slots=True)
 class _Entry:
     answer: Answer
     until: float  # clock time after which the answer must be asked again
+    # The answer once judged acceptable: active, iss and aud do not change with time, so a later hit re-checks only
+    # exp and nbf (`_rejudged`). None until a hit judged it (an answer may be refused, or not yet valid, at first).
+    identity: Identity | None = None
 
 
 class Introspector:
@@ -321,10 +332,14 @@ class Introspector:
         """Judge a token (by its `token_digest`) on an answer still fresh in this instance's memory, with nothing to
         await: the common case. None when the shared cache, a call in flight or a new call must answer."""
         entry = self._cache.get(digest)
-        if entry is None or entry.until <= self.clock():
+        now = self.clock()
+        if entry is None or entry.until <= now:
             return None
         self._hit.inc()
-        return judge_answer(entry.answer, self.settings, self.clock())
+        if entry.identity is not None:
+            return _rejudged(entry, now)
+        entry.identity = judge_answer(entry.answer, self.settings, now)
+        return entry.identity
 
     async def introspect(self, token: str, digest: bytes | None = None) -> Identity:
         """Judge `token` by the endpoint's answer: from a cache, or from one call however many ask at once."""
