@@ -27,10 +27,12 @@ import redis.asyncio as aioredis
 import yaml
 from aiohttp import web
 
-from gateway import configfile
+from gateway import configfile, errors
 from gateway.checks import compile_check
+from gateway.config import IntrospectionSettings
+from gateway.metrics import Metrics
 from gateway.store import Revocation
-from gateway.verify.introspection import Breaker, Introspector
+from gateway.verify.introspection import Breaker, Introspector, _Entry
 from tests.support import (
     AUDIENCE,
     ISSUER,
@@ -393,17 +395,43 @@ async def test_a_cached_answer_is_judged_at_each_hit_until_it_passes_then_only_i
     clock = Clock()
     token = auth_server.issue(nbf=int(clock.now) + 10, exp=int(clock.now) + 30)
     async with gateway(config(auth_server, upstream, cache_ttl="60s"), tmp_path, clock) as gw:
-        assert (await call(http, gw, "/orders", token))[0] == 401
-        clock.advance(11)
+        assert (await call(http, gw, "/orders", token))[0] == 401  # asked, and cached
+        clock.advance(1)
+        assert (await call(http, gw, "/orders", token))[0] == 401  # from the cache: still not valid
+        assert gw.metric("gateway_introspection_cache_requests_total", result="hit") == 1
+        clock.advance(10)
         assert (await call(http, gw, "/orders", token))[0] == 200  # from the cache, judged again: valid now
         clock.advance(1)
         assert (await call(http, gw, "/orders", token))[0] == 200  # the kept judgement
         assert auth_server.calls == 1
-        assert decisions(gw, "orders", "deny", "not_yet_valid") == 1
+        assert decisions(gw, "orders", "deny", "not_yet_valid") == 2
         clock.advance(19)  # past exp: asked again, and refused
         assert (await call(http, gw, "/orders", token))[0] == 401
         assert decisions(gw, "orders", "deny", "expired") == 1
     assert auth_server.calls == 2
+
+
+async def test_a_kept_judgement_still_meets_exp_and_nbf(http: aiohttp.ClientSession) -> None:
+    """An entry can outlive its answer's exp (a shared-cache TTL, clocks apart), and the clock can step back before
+    nbf: the kept identity is refused then, as a fresh judgement would be."""
+    now = [1_000_000.0]
+    settings = IntrospectionSettings(
+        name="corp", endpoint="http://127.0.0.1:9/introspect", client_id=CLIENT_ID, client_secret_env=SECRET_ENV
+    )  # never called: the answer is put in its cache
+    introspector = Introspector(settings, http, Metrics(), clock=lambda: now[0])
+    answer = {"active": True, "sub": "alice", "nbf": now[0] - 5, "exp": now[0] + 10}
+    introspector._cache.put(b"digest", _Entry(answer, until=now[0] + 100))
+    first = introspector.cached(b"digest")
+    assert first is not None and first.subject == "alice"
+    now[0] += 1
+    assert introspector.cached(b"digest") is first  # kept, not rebuilt
+    now[0] += 10
+    with pytest.raises(errors.Expired):
+        introspector.cached(b"digest")
+    now[0] -= 20
+    with pytest.raises(errors.NotYetValid):
+        introspector.cached(b"digest")
+    assert introspector.cached(b"other") is None
 
 
 @pytest.mark.parametrize(("negative_ttl", "calls_for_two"), [("0s", 2), ("30s", 1)])

@@ -4,8 +4,9 @@ One `Introspector` per configured endpoint, shared by every route that names it:
 
     memory cache (LRU) ─► shared cache (Redis, optional) ─► one call per token in flight ─► breaker ─► slots ─► POST
 
-The caches hold the endpoint's answer, never a route's decision: every use of an answer is judged again (active,
-exp, nbf, iss, aud) and the route then applies its own scopes and claims. Positive answers are kept for
+The caches hold the endpoint's answer, never a route's decision: an answer is judged (active, exp, nbf, iss, aud)
+when used, and once it passed, later uses re-check only what time changes (exp, nbf); the route then applies its
+own scopes and claims every time. Positive answers are kept for
 `min(cache_ttl, exp - now)`, negative ones for `negative_cache_ttl`. Whenever the endpoint gives no well-formed
 answer (timeout, connection error, a status other than 200, not JSON, `active` not a boolean, a body over 64 KiB),
 the request gets a 503 and the breaker counts a failure. Such a request is never let through.

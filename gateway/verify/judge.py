@@ -95,4 +95,5 @@ class Judge:
 
     async def _introspect(self, token: str, digest: bytes) -> Identity:
         assert self.introspector is not None  # noqa: S101 - __post_init__ checks
-        return await self.introspector.introspect(token, digest)
+        identity = self.introspector.cached(digest)
+        return identity if identity is not None else await self.introspector.introspect(token, digest)
