@@ -4,6 +4,7 @@ token endpoint (RFC 6749 §6 refresh grant; errors as §5.2, never cached, §5.1
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import urllib.parse
 
@@ -16,6 +17,14 @@ from gateway.token_records import JWKS_PATH, MAX_FORM_BYTES, NO_STORE, TOKEN_PAT
 from gateway.tokens import Issuer, TokenService
 
 log = logging.getLogger(__name__)
+
+# The form is a few hundred bytes: a client that has not sent it in this long is not going to (or is holding the
+# connection and its task on purpose).
+FORM_TIMEOUT = 10.0
+
+
+class SlowBody(Exception):
+    """The token request's body did not arrive within FORM_TIMEOUT."""
 
 # --- The public endpoints (proxy listener; JWKS and discovery also on the admin listener) ---------------------------
 
@@ -45,6 +54,8 @@ async def _token_endpoint(request: Request, service: TokenService, issuer: Issue
     try:
         form = await _read_form(request)
         body = await service.exchange(issuer, form, request.remote, request.headers.get("User-Agent"))
+    except SlowBody:
+        return _oauth_error(408, "invalid_request", "the request body did not arrive in time")
     except OAuthError as exc:
         log.info("token request refused", extra={"error": exc.error, "client": request.remote})
         return _oauth_error(400, exc.error, exc.description)
@@ -67,7 +78,11 @@ async def _read_form(request: Request) -> dict[str, str]:
     data = b""
     if request.body is not None:
         request.send_continue()
-        read = await request.body.read(MAX_FORM_BYTES)
+        try:
+            async with asyncio.timeout(FORM_TIMEOUT):
+                read = await request.body.read(MAX_FORM_BYTES)
+        except TimeoutError:
+            raise SlowBody from None
         if read is None:
             raise OAuthError("invalid_request", "the body is too large")
         data = read

@@ -24,7 +24,7 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import generate_latest
 
-from gateway import signing
+from gateway import oauth, signing
 from gateway.config import StoreSettings, TokensSettings
 from gateway.store import LastUse, MemoryStore, RedisStore, connect_redis
 from gateway.token_records import MintRequest
@@ -553,6 +553,29 @@ async def test_token_endpoint_errors_follow_rfc6749(
         async with http.post(f"{gw.url}/oauth/token", data={"grant_type": "x" * 20000}) as resp:
             assert resp.status == 400 and (await resp.json())["error_description"] == "the body is too large"
         assert_secret_free([access, foreign, unknown, expired.token], gw, caplog)
+
+
+async def test_a_token_request_whose_body_never_arrives_gets_408_and_the_connection_ends(
+    upstream: Upstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that announces a form and sends part of it is answered 408 once FORM_TIMEOUT passes, and the
+    connection ends (what was not read cannot be taken for the next request): it holds neither for ever."""
+    monkeypatch.setattr(oauth, "FORM_TIMEOUT", 0.2)
+    async for gw in running(config(upstream, [key_file(tmp_path)]), tmp_path):
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.ports.proxy_port)
+        writer.write(
+            b"POST /oauth/token HTTP/1.1\r\nHost: gw\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+            b"Content-Length: 100\r\n\r\ngrant_type="
+        )
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)  # to the end: the gateway says it is done writing
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 ") and b"Connection: close" in head
+    assert json.loads(body) == {
+        "error": "invalid_request",
+        "error_description": "the request body did not arrive in time",
+    }
 
 
 async def test_rotation_and_reuse_detection_revoke_the_whole_family(
