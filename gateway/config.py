@@ -67,6 +67,12 @@ class ListenSettings(Model):
         description="Close a client connection with no request under way after this long (this also bounds the "
         "time a request head may take to arrive).",
     )
+    send_timeout: Duration = Field(
+        60.0,
+        gt=0,
+        description="Abort a client connection that has stopped reading: its answer waited this long for the "
+        "client to take enough of what is buffered (64 KiB) for more to be sent.",
+    )
     max_header_bytes: int = Field(
         16384,
         ge=1024,

@@ -8,7 +8,8 @@ handed to its RequestHandler, with the request head replayed, and stays with it.
 One request is served at a time per connection; pipelined requests wait their turn with reading paused. Request
 bodies stream with flow control (reading pauses while BODY_LIMIT bytes wait for the upstream); answers wait for
 the client's socket to drain. A connection is closed when idle (no request under way) for `listen.idle_timeout`,
-counted from its opening or its last answer: that also ends clients that trickle a request head in.
+counted from its opening or its last answer: that also ends clients that trickle a request head in. One whose
+client stops reading an answer is aborted once the answer has waited `listen.send_timeout` for the socket to drain.
 """
 
 from __future__ import annotations
@@ -347,6 +348,7 @@ class Connection(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
         self._holds: set[str] = set()
         self._writable: asyncio.Future[None] | None = None
+        self._stalled_timer: asyncio.TimerHandle | None = None
         self._upgrade: bytes | None = None  # a WebSocket head waiting for the answers before it
         self._broken = False  # the parser failed: nothing more is read
         self._lingering = False  # answered and closing: what the client still sends is read and dropped
@@ -388,6 +390,8 @@ class Connection(asyncio.Protocol):
         self.lost = True
         if self._linger_timer is not None:
             self._linger_timer.cancel()
+        if self._stalled_timer is not None:
+            self._stalled_timer.cancel()
         self.listener.forget(self)
         gone = ConnectionResetError("the client closed the connection")
         for request in (self._parsing, self._current, *self._queue):
@@ -401,11 +405,24 @@ class Connection(asyncio.Protocol):
     def pause_writing(self) -> None:
         if self._writable is None or self._writable.done():
             self._writable = self.listener.loop.create_future()
+        if self._stalled_timer is None:
+            self._stalled_timer = self.listener.loop.call_later(self.listener.send_timeout, self._stalled)
 
     def resume_writing(self) -> None:
+        if self._stalled_timer is not None:
+            self._stalled_timer.cancel()
+            self._stalled_timer = None
         if self._writable is not None and not self._writable.done():
             self._writable.set_result(None)
         self._writable = None
+
+    def _stalled(self) -> None:
+        """The client stopped reading: nothing of the answer moved for send_timeout. Otherwise it would hold this
+        request's task and its upstream connection for as long as it likes; it is treated as gone."""
+        self._stalled_timer = None
+        if self.transport is not None and not self.lost:
+            log.info("closing a connection whose client stopped reading", extra={"client": self.remote})
+            self.transport.abort()
 
     # --- httptools callbacks ----------------------------------------------------------------------------------
     def on_message_begin(self) -> None:
@@ -620,11 +637,19 @@ class Connection(asyncio.Protocol):
 class Listener:
     """The proxy listener's server: accepts connections, sweeps idle ones, drains on stop."""
 
-    def __init__(self, serve: Serve, aiohttp_server: web.Server, max_header_bytes: int, idle_timeout: float) -> None:
+    def __init__(
+        self,
+        serve: Serve,
+        aiohttp_server: web.Server,
+        max_header_bytes: int,
+        idle_timeout: float,
+        send_timeout: float = 60.0,
+    ) -> None:
         self.serve = serve
         self.aiohttp_server = aiohttp_server  # serves the connections handed over (WebSocket)
         self.max_line = max_header_bytes
         self.idle_timeout = idle_timeout
+        self.send_timeout = send_timeout
         self.loop = asyncio.get_running_loop()
         self.connections: set[Connection] = set()
         self._server: asyncio.Server | None = None

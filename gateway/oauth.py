@@ -26,6 +26,7 @@ FORM_TIMEOUT = 10.0
 class SlowBody(Exception):
     """The token request's body did not arrive within FORM_TIMEOUT."""
 
+
 # --- The public endpoints (proxy listener; JWKS and discovery also on the admin listener) ---------------------------
 
 

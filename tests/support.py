@@ -298,7 +298,7 @@ class RichUpstream(Upstream):
     - /status/{code}: answers that status (with an ETag; no body for 204 and 304)
     - /bytes/{n}: n pattern bytes with a Content-Length; ?chunked=1: streamed without one; ?gzip=1: compressed,
       with Content-Encoding
-    - /stream/{mib}: STREAM_CHUNK `mib` times, chunked
+    - /stream/{mib}: STREAM_CHUNK `mib` times, chunked; sets `stream_cut` when its client leaves mid-way
     - /hash: streams the request body through sha256, answers its digest and length (never holds the body)
     - /hop: answers with hop-by-hop headers
     - /slow?s=N: sets `slow_started`, and `slow_cancelled` when cancelled
@@ -310,6 +310,7 @@ class RichUpstream(Upstream):
 
     slow_started: asyncio.Event = field(default_factory=asyncio.Event)
     slow_cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    stream_cut: asyncio.Event = field(default_factory=asyncio.Event)  # a /stream/ answer's client left mid-way
     ws_close_codes: list[int | None] = field(default_factory=list)
     ws_closed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -375,8 +376,12 @@ class RichUpstream(Upstream):
         response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
         response.enable_chunked_encoding()
         await response.prepare(request)
-        for _ in range(int(request.match_info["mib"]) if request.method != "HEAD" else 0):
-            await response.write(STREAM_CHUNK)
+        try:
+            for _ in range(int(request.match_info["mib"]) if request.method != "HEAD" else 0):
+                await response.write(STREAM_CHUNK)
+        except (asyncio.CancelledError, ConnectionError):
+            self.stream_cut.set()
+            raise
         await response.write_eof()
         return response
 

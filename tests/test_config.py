@@ -98,6 +98,7 @@ ERROR_CASES = [
     (("jwks_uri: https://idp.test/jwks", "jwks_uri: ${MISSING_VAR}"), "issuers[0].jwks_uri: environment variable"),
     (("audiences: [api]", "audiences: []"), "issuers[0].audiences: Tuple should have at least 1"),
     (("issuers:\n", "listen: {idle_timeout: 0s}\nissuers:\n"), "listen.idle_timeout: Input should be greater than 0"),
+    (("issuers:\n", "listen: {send_timeout: 0s}\nissuers:\n"), "listen.send_timeout: Input should be greater than 0"),
     (
         ("    auth: {mode: jwt, issuers: [corp]}", "    auth: {mode: none, required_scopes: [x]}"),
         "mode none checks no token",

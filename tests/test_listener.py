@@ -12,7 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import AUDIENCE, ISSUER, IdP, RichUpstream, RunningGateway, read_answer, start_gateway
+from tests.support import (
+    AUDIENCE,
+    ISSUER,
+    STREAM_CHUNK,
+    IdP,
+    RichUpstream,
+    RunningGateway,
+    read_answer,
+    start_gateway,
+)
 
 
 @pytest.fixture
@@ -305,6 +314,34 @@ async def test_client_leaving_mid_request_cancels_the_upstream_request(
             await rich_upstream.slow_started.wait()
             writer.close()
             await rich_upstream.slow_cancelled.wait()  # the gateway dropped its upstream connection
+
+
+async def test_a_client_that_stops_reading_is_cut_off_after_send_timeout(
+    rich_upstream: RichUpstream, tmp_path: Path
+) -> None:
+    """A client that asks for a long answer and reads none of it would hold its task and upstream connection for
+    ever: once the answer has waited send_timeout for the socket to drain, the connection is aborted, and with it
+    the upstream request."""
+    config = f"""
+listen: {{host: 127.0.0.1, port: 0, send_timeout: 300ms}}
+admin: {{host: 127.0.0.1, port: 0}}
+routes:
+  - name: open
+    match: {{path_prefix: /}}
+    upstream: {{url: "{rich_upstream.url}"}}
+    auth: {{mode: none}}
+"""
+    async for gw in start_gateway(config, tmp_path):
+        async with connection(gw) as (reader, writer):
+            writer.write(b"GET /stream/512 HTTP/1.1\r\nHost: x\r\n\r\n")
+            async with asyncio.timeout(10):
+                await rich_upstream.stream_cut.wait()  # the gateway gave up and dropped the upstream request
+            received = 0
+            with contextlib.suppress(ConnectionError):
+                async with asyncio.timeout(10):
+                    while chunk := await reader.read(1 << 20):  # what was already in flight, then the end
+                        received += len(chunk)
+            assert 0 < received < 512 * len(STREAM_CHUNK)
 
 
 async def test_websocket_handshake_after_a_plain_request_on_the_same_connection(
