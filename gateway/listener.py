@@ -10,7 +10,6 @@ bodies stream with flow control (reading pauses while BODY_LIMIT bytes wait for 
 the client's socket to drain. A connection is closed when idle (no request under way) for `listen.idle_timeout`,
 counted from its opening or its last answer: that also ends clients that trickle a request head in. One whose
 client stops reading an answer is aborted once the answer has waited `listen.send_timeout` for the socket to drain.
-A client that half-closes after its requests gets their answers, then the connection closes.
 """
 
 from __future__ import annotations
@@ -352,8 +351,6 @@ class Connection(asyncio.Protocol):
         self._stalled_timer: asyncio.TimerHandle | None = None
         self._upgrade: bytes | None = None  # a WebSocket head waiting for the answers before it
         self._broken = False  # the parser failed: nothing more is read
-        self._mid_message = False  # the parser is inside a request (head or body not yet complete)
-        self._peer_done = False  # the client half-closed: answer what it sent in full, then close
         self._lingering = False  # answered and closing: what the client still sends is read and dropped
         self._lingered = 0
         self._linger_timer: asyncio.TimerHandle | None = None
@@ -405,17 +402,6 @@ class Connection(asyncio.Protocol):
         if self._task is not None and not self._task.done():
             self._task.cancel()  # nobody to answer: stop judging, free the upstream connection
 
-    def eof_received(self) -> bool:
-        """The client half-closed (done sending, e.g. `shutdown(SHUT_WR)` after its request): the requests it sent
-        in full are answered, then the connection closes. A request cut short can never complete: that, or nothing
-        to answer, closes at once, as when the client goes away."""
-        if self._mid_message or self._lingering or self._upgrade is not None:
-            return False
-        if self._current is None and not self._queue:
-            return False
-        self._peer_done = True
-        return True
-
     def pause_writing(self) -> None:
         if self._writable is None or self._writable.done():
             self._writable = self.listener.loop.create_future()
@@ -440,7 +426,6 @@ class Connection(asyncio.Protocol):
 
     # --- httptools callbacks ----------------------------------------------------------------------------------
     def on_message_begin(self) -> None:
-        self._mid_message = True
         self._url = b""
         self._headers = []
         self._head_bytes = 0
@@ -496,7 +481,6 @@ class Connection(asyncio.Protocol):
             self._parsing.body.feed(body)
 
     def on_message_complete(self) -> None:
-        self._mid_message = False
         if self._parsing is not None and self._parsing.body is not None:
             self._parsing.body.finish()
 
@@ -539,8 +523,6 @@ class Connection(asyncio.Protocol):
             self._serve(self._queue.popleft())
         elif self._upgrade is not None:
             self._hand_over(self._upgrade)
-        elif self._peer_done:
-            self.close()  # the client sends nothing more: nothing left to answer
         else:
             self.idle_since = self.listener.loop.time()
 
