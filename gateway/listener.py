@@ -10,6 +10,9 @@ bodies stream with flow control (reading pauses while BODY_LIMIT bytes wait for 
 the client's socket to drain. A connection is closed when idle (no request under way) for `listen.idle_timeout`,
 counted from its opening or its last answer: that also ends clients that trickle a request head in. One whose
 client stops reading an answer is aborted once the answer has waited `listen.send_timeout` for the socket to drain.
+A client's FIN is taken as its leaving, as nginx takes it by default: the request under way is cancelled and its
+upstream request dropped. TCP cannot tell a half-close from a departure, so a client that half-closes after its
+request gets no answer; the other way, every departed client's slow upstream request would run to its end.
 """
 
 from __future__ import annotations
