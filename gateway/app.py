@@ -28,6 +28,7 @@ from gateway.config import (
     StaticKey,
     TokenLocation,
 )
+from gateway.forwarded import client_address
 from gateway.identity import Identity
 from gateway.listener import Request, RequestView
 from gateway.metrics import Metrics, RouteMetrics
@@ -246,7 +247,7 @@ class Handler:
         if gateway.signer is not None and gateway.settings.tokens is not None and request.path in PUBLIC_PATHS:
             # JWKS, discovery and the refresh grant of the gateway's own issuer, before route matching.
             issuer = self.runtime.tokens.issuer(gateway.settings.tokens, gateway.signer)
-            request.send(await serve_public(request, self.runtime.tokens, issuer))
+            request.send(await serve_public(request, self.runtime.tokens, issuer, self._client(request)))
             return
 
         async def forward(route: Route, identity: Identity | None) -> int:
@@ -320,7 +321,7 @@ class Handler:
         elapsed = time.perf_counter() - started
         metrics.answered(request.method, status, elapsed)
         if gateway.settings.log.access:
-            _log_access(request, metrics.route, status, elapsed, identity, reason)
+            _log_access(request, self._client(request), metrics.route, status, elapsed, identity, reason)
 
     def _judge(self, request: RequestView, route: Route) -> Identity | Awaitable[Identity]:
         """As Judge.judge: a token judged before is admitted at once, without a coroutine; the rest is awaited."""
@@ -345,8 +346,14 @@ class Handler:
     def _allowed(self, request: RequestView, route: Route, identity: Identity) -> Identity:
         route.metrics.allowed()
         if identity.issuer == GATEWAY_ISSUER_NAME and identity.token_id is not None:
-            self.runtime.usage.record(identity.token_id, request.remote, request.headers.get("User-Agent"))
+            self.runtime.usage.record(identity.token_id, self._client(request), request.headers.get("User-Agent"))
         return identity
+
+    def _client(self, request: RequestView) -> str | None:
+        """The client's address, through the trusted proxies in front of the gateway (forwarded.py)."""
+        gateway = self.runtime.gateway
+        trusted = gateway.settings.listen.trusted_proxies if gateway is not None else ()
+        return client_address(request.remote, request.headers.getall("X-Forwarded-For", ()), trusted)
 
 
 def _count_denial(route: Route, exc: errors.GatewayError) -> None:
@@ -358,7 +365,13 @@ def error_response(exc: errors.GatewayError) -> web.Response:
 
 
 def _log_access(
-    request: RequestView, route: str, status: int, elapsed: float, identity: Identity | None, reason: str
+    request: RequestView,
+    client: str | None,
+    route: str,
+    status: int,
+    elapsed: float,
+    identity: Identity | None,
+    reason: str,
 ) -> None:
     fields: dict[str, Any] = {
         "route": route,
@@ -366,7 +379,7 @@ def _log_access(
         "path": request.path,  # never the query string: a route may carry its token there
         "status": status,
         "duration_ms": round(elapsed * 1000, 3),
-        "client": request.remote,
+        "client": client,
     }
     if identity is not None:
         fields.update(subject=identity.subject, jti=identity.token_id, issuer=identity.issuer)

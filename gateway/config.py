@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, IPvAnyNetwork, WithJsonSchema, model_validator
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -77,6 +77,11 @@ class ListenSettings(Model):
         16384,
         ge=1024,
         description="Largest request line or header line accepted (larger: 431); a whole head may be 8× this.",
+    )
+    trusted_proxies: tuple[IPvAnyNetwork, ...] = Field(
+        (),
+        description="Load balancers in front of the gateway (addresses or CIDR ranges): from them, the client's "
+        "address for logs and last-use records is read from X-Forwarded-For.",
     )
 
 

@@ -38,12 +38,12 @@ def discovery_response(issuer: Issuer) -> web.Response:
     return web.json_response(issuer.discovery(), headers={"Cache-Control": "public, max-age=300"})
 
 
-async def serve_public(request: Request, service: TokenService, issuer: Issuer) -> web.Response:
-    """JWKS, discovery and the token endpoint, for a request whose path is in PUBLIC_PATHS."""
+async def serve_public(request: Request, service: TokenService, issuer: Issuer, client: str | None) -> web.Response:
+    """JWKS, discovery and the token endpoint, for a request whose path is in PUBLIC_PATHS; `client`: its address."""
     if request.path == TOKEN_PATH:
         if request.method != "POST":
             return _oauth_error(405, "invalid_request", "use POST", {"Allow": "POST"})
-        return await _token_endpoint(request, service, issuer)
+        return await _token_endpoint(request, service, issuer, client)
     if request.method not in ("GET", "HEAD"):
         return web.json_response(
             {"error": "invalid_request", "error_description": "use GET"}, status=405, headers={"Allow": "GET, HEAD"}
@@ -51,14 +51,14 @@ async def serve_public(request: Request, service: TokenService, issuer: Issuer) 
     return jwks_response(issuer) if request.path == JWKS_PATH else discovery_response(issuer)
 
 
-async def _token_endpoint(request: Request, service: TokenService, issuer: Issuer) -> web.Response:
+async def _token_endpoint(request: Request, service: TokenService, issuer: Issuer, client: str | None) -> web.Response:
     try:
         form = await _read_form(request)
-        body = await service.exchange(issuer, form, request.remote, request.headers.get("User-Agent"))
+        body = await service.exchange(issuer, form, client, request.headers.get("User-Agent"))
     except SlowBody:
         return _oauth_error(408, "invalid_request", "the request body did not arrive in time")
     except OAuthError as exc:
-        log.info("token request refused", extra={"error": exc.error, "client": request.remote})
+        log.info("token request refused", extra={"error": exc.error, "client": client})
         return _oauth_error(400, exc.error, exc.description)
     except errors.DependencyUnavailable as exc:
         return _oauth_error(503, "temporarily_unavailable", exc.description, {"Retry-After": str(exc.retry_after)})

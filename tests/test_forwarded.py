@@ -1,0 +1,68 @@
+"""The client's address behind trusted proxies: X-Forwarded-For believed only as far as trusted proxies wrote it."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from gateway.forwarded import client_address
+from tests.support import RichUpstream, start_gateway
+
+LB = [ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2001:db8::/32")]
+
+
+@pytest.mark.parametrize(
+    ("peer", "forwarded_for", "client"),
+    [
+        ("203.0.113.7", ["198.51.100.1"], "203.0.113.7"),  # not a trusted proxy: its header is its own to forge
+        ("10.0.0.9", [], "10.0.0.9"),  # a trusted proxy that says nothing is the client
+        ("10.0.0.9", ["203.0.113.7"], "203.0.113.7"),
+        ("10.0.0.9", ["198.51.100.1, 203.0.113.7"], "203.0.113.7"),  # left of the first untrusted hop: not believed
+        ("10.0.0.9", ["203.0.113.7, 10.0.0.5"], "203.0.113.7"),  # through two trusted proxies
+        ("10.0.0.9", ["203.0.113.7", "10.0.0.5"], "203.0.113.7"),  # the header repeated: one list
+        ("10.0.0.9", ["10.0.0.1, 10.0.0.2"], "10.0.0.1"),  # every hop trusted: the leftmost
+        ("10.0.0.9", ["203.0.113.7, not-an-address"], "10.0.0.9"),  # garbage from the peer: only the peer is sure
+        ("10.0.0.9", ["203.0.113.7, , 10.0.0.5"], "10.0.0.5"),  # an empty hop ends what can be believed
+        ("10.0.0.9", ["203.0.113.7:443"], "10.0.0.9"),  # X-Forwarded-For holds addresses, not ports
+        ("2001:db8::1", ["2001:db8::2, 2a00:1450::1"], "2a00:1450::1"),
+        ("2001:db8::1", ["2A00:1450:0::1"], "2a00:1450::1"),  # written as an address is written
+        (None, ["203.0.113.7"], None),
+        ("not-an-address", ["203.0.113.7"], "not-an-address"),
+    ],
+)
+def test_client_address(peer: str | None, forwarded_for: list[str], client: str | None) -> None:
+    assert client_address(peer, forwarded_for, LB) == client
+
+
+def test_without_trusted_proxies_the_peer_is_the_client() -> None:
+    assert client_address("10.0.0.9", ["203.0.113.7"], []) == "10.0.0.9"
+
+
+@pytest.mark.parametrize(
+    ("trusted", "client"), [("[127.0.0.1]", "203.0.113.7"), ("[]", "127.0.0.1"), ("[10.0.0.0/8]", "127.0.0.1")]
+)
+async def test_the_access_log_names_the_client_behind_a_trusted_proxy(
+    trusted: str, client: str, rich_upstream: RichUpstream, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    config = f"""
+listen: {{host: 127.0.0.1, port: 0, trusted_proxies: {trusted}}}
+admin: {{host: 127.0.0.1, port: 0}}
+log: {{access: true}}
+routes:
+  - name: open
+    match: {{path_prefix: /}}
+    upstream: {{url: "{rich_upstream.url}"}}
+    auth: {{mode: none}}
+"""
+    sent = {"X-Forwarded-For": "198.51.100.1, 203.0.113.7"}
+    async for gw in start_gateway(config, tmp_path):
+        async with aiohttp.ClientSession() as http, http.get(f"{gw.url}/who", headers=sent) as resp:
+            assert resp.status == 200
+    assert [getattr(r, "client", None) for r in caplog.records if r.name == "gateway.access"] == [client]
+    # Upstream, the chain is passed on with the direct peer appended, whoever is trusted.
+    assert rich_upstream.requests[-1]["headers"]["X-Forwarded-For"] == "198.51.100.1, 203.0.113.7, 127.0.0.1"
