@@ -22,9 +22,8 @@ def client_address(peer: str | None, forwarded_for: Sequence[str], trusted: Sequ
     client = peer
     hops = [hop.strip() for value in forwarded_for for hop in value.split(",")]
     for hop in reversed(hops):
-        try:
-            address = ipaddress.ip_address(hop)
-        except ValueError:
+        address = _address(hop)
+        if address is None:
             return client  # not an address: the trusted hop to its right is as far as the chain can be believed
         client = str(address)
         if not any(address in network for network in trusted):
@@ -33,10 +32,16 @@ def client_address(peer: str | None, forwarded_for: Sequence[str], trusted: Sequ
 
 
 def _trusted(peer: str | None, trusted: Sequence[Network]) -> bool:
-    if peer is None:
-        return False
+    address = _address(peer) if peer is not None else None
+    return address is not None and any(address in network for network in trusted)
+
+
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An address, an IPv4 one written IPv6-mapped (a dual-stack listener's peers) taken as IPv4."""
     try:
-        address = ipaddress.ip_address(peer)
+        address = ipaddress.ip_address(text)
     except ValueError:
-        return False
-    return any(address in network for network in trusted)
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address

@@ -30,6 +30,7 @@ LB = [ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2001:db8::/32")]
         ("10.0.0.9", ["203.0.113.7:443"], "10.0.0.9"),  # X-Forwarded-For holds addresses, not ports
         ("2001:db8::1", ["2001:db8::2, 2a00:1450::1"], "2a00:1450::1"),
         ("2001:db8::1", ["2A00:1450:0::1"], "2a00:1450::1"),  # written as an address is written
+        ("::ffff:10.0.0.9", ["::ffff:203.0.113.7"], "203.0.113.7"),  # a dual-stack listener's IPv4 peers
         (None, ["203.0.113.7"], None),
         ("not-an-address", ["203.0.113.7"], "not-an-address"),
     ],
