@@ -70,8 +70,8 @@ class ListenSettings(Model):
     send_timeout: Duration = Field(
         60.0,
         gt=0,
-        description="Abort a client connection that has stopped reading: its answer waited this long for the "
-        "client to take enough of what is buffered (64 KiB) for more to be sent.",
+        description="Abort a client connection that has stopped reading: its answer could not be sent on for this "
+        "long, and the client took none of what was waiting meanwhile.",
     )
     max_header_bytes: int = Field(
         16384,

@@ -10,9 +10,10 @@ the X-Forwarded-For sent upstream still ends with the direct peer (proxy.py).
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+MAX_HOPS = 32  # proxies believed in a row, at most: a chain is short, and a client may pad the header
 
 
 def client_address(peer: str | None, forwarded_for: Sequence[str], trusted: Sequence[Network]) -> str | None:
@@ -20,15 +21,25 @@ def client_address(peer: str | None, forwarded_for: Sequence[str], trusted: Sequ
     if not trusted or not _trusted(peer, trusted):
         return peer
     client = peer
-    hops = [hop.strip() for value in forwarded_for for hop in value.split(",")]
-    for hop in reversed(hops):
+    for hop in _hops_from_the_right(forwarded_for):
         address = _address(hop)
         if address is None:
             return client  # not an address: the trusted hop to its right is as far as the chain can be believed
         client = str(address)
         if not any(address in network for network in trusted):
             return client
-    return client  # every hop a trusted proxy: the leftmost is as near the client as the chain goes
+    return client  # every hop trusted (or MAX_HOPS of them): the leftmost seen is as near the client as it goes
+
+
+def _hops_from_the_right(forwarded_for: Sequence[str]) -> Iterator[str]:
+    """At most MAX_HOPS hops, right to left, without splitting the rest of a header a client may have padded."""
+    left = MAX_HOPS
+    for value in reversed(forwarded_for):
+        for hop in reversed(value.rsplit(",", left)):
+            if left == 0:
+                return
+            left -= 1
+            yield hop.strip()
 
 
 def _trusted(peer: str | None, trusted: Sequence[Network]) -> bool:
@@ -37,7 +48,12 @@ def _trusted(peer: str | None, trusted: Sequence[Network]) -> bool:
 
 
 def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """An address, an IPv4 one written IPv6-mapped (a dual-stack listener's peers) taken as IPv4."""
+    """An address, with the port some proxies add (`192.0.2.1:443`, `[2001:db8::1]:443`) dropped, and an IPv4 one
+    written IPv6-mapped (a dual-stack listener's peers) taken as IPv4."""
+    if text.startswith("["):
+        text = text[1:].partition("]")[0]
+    elif text.count(":") == 1:
+        text = text.partition(":")[0]
     try:
         address = ipaddress.ip_address(text)
     except ValueError:

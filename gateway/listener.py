@@ -352,6 +352,7 @@ class Connection(asyncio.Protocol):
         self._holds: set[str] = set()
         self._writable: asyncio.Future[None] | None = None
         self._stalled_timer: asyncio.TimerHandle | None = None
+        self._stall_buffered = 0  # bytes waiting to be sent when the stall watch began
         self._upgrade: bytes | None = None  # a WebSocket head waiting for the answers before it
         self._broken = False  # the parser failed: nothing more is read
         self._lingering = False  # answered and closing: what the client still sends is read and dropped
@@ -409,7 +410,7 @@ class Connection(asyncio.Protocol):
         if self._writable is None or self._writable.done():
             self._writable = self.listener.loop.create_future()
         if self._stalled_timer is None:
-            self._stalled_timer = self.listener.loop.call_later(self.listener.send_timeout, self._stalled)
+            self._watch_stall()
 
     def resume_writing(self) -> None:
         if self._stalled_timer is not None:
@@ -419,13 +420,24 @@ class Connection(asyncio.Protocol):
             self._writable.set_result(None)
         self._writable = None
 
+    def _watch_stall(self) -> None:
+        assert self.transport is not None  # noqa: S101 - called while connected
+        self._stall_buffered = self.transport.get_write_buffer_size()
+        self._stalled_timer = self.listener.loop.call_later(self.listener.send_timeout, self._stalled)
+
     def _stalled(self) -> None:
-        """The client stopped reading: nothing of the answer moved for send_timeout. Otherwise it would hold this
-        request's task and its upstream connection for as long as it likes; it is treated as gone."""
+        """Writing has been paused for send_timeout. If none of what waits was sent meanwhile, the client stopped
+        reading: otherwise it would hold this request's task and its upstream connection for as long as it likes,
+        so it is treated as gone. A slow reader that took some gets another send_timeout."""
         self._stalled_timer = None
-        if self.transport is not None and not self.lost:
-            log.info("closing a connection whose client stopped reading", extra={"client": self.remote})
-            self.transport.abort()
+        transport = self.transport
+        if transport is None or self.lost or transport.get_protocol() is not self:
+            return
+        if transport.get_write_buffer_size() < self._stall_buffered:
+            self._watch_stall()
+            return
+        log.info("closing a connection whose client stopped reading", extra={"client": self.remote})
+        transport.abort()
 
     # --- httptools callbacks ----------------------------------------------------------------------------------
     def on_message_begin(self) -> None:
@@ -554,9 +566,14 @@ class Connection(asyncio.Protocol):
         """The rest of this connection is aiohttp's (WebSocket): replay what was read, then step aside."""
         assert self.transport is not None  # noqa: S101 - connected
         self.listener.forget(self)
+        if self._stalled_timer is not None:
+            self._stalled_timer.cancel()
+            self._stalled_timer = None
         handler = self.listener.aiohttp_server()
         self.transport.set_protocol(handler)
         handler.connection_made(self.transport)
+        if self._writable is not None:  # the answers before still fill the socket: aiohttp must wait for it too
+            handler.pause_writing()
         self.transport.resume_reading()
         handler.data_received(replay)
 

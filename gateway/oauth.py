@@ -56,6 +56,7 @@ async def _token_endpoint(request: Request, service: TokenService, issuer: Issue
         form = await _read_form(request)
         body = await service.exchange(issuer, form, client, request.headers.get("User-Agent"))
     except SlowBody:
+        log.info("token request refused: the body did not arrive in time", extra={"client": client})
         return _oauth_error(408, "invalid_request", "the request body did not arrive in time")
     except OAuthError as exc:
         log.info("token request refused", extra={"error": exc.error, "client": client})

@@ -9,7 +9,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from gateway.forwarded import client_address
+from gateway.forwarded import MAX_HOPS, client_address
 from tests.support import RichUpstream, start_gateway
 
 LB = [ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2001:db8::/32")]
@@ -27,7 +27,10 @@ LB = [ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2001:db8::/32")]
         ("10.0.0.9", ["10.0.0.1, 10.0.0.2"], "10.0.0.1"),  # every hop trusted: the leftmost
         ("10.0.0.9", ["203.0.113.7, not-an-address"], "10.0.0.9"),  # garbage from the peer: only the peer is sure
         ("10.0.0.9", ["203.0.113.7, , 10.0.0.5"], "10.0.0.5"),  # an empty hop ends what can be believed
-        ("10.0.0.9", ["203.0.113.7:443"], "10.0.0.9"),  # X-Forwarded-For holds addresses, not ports
+        ("10.0.0.9", ["203.0.113.7:443, 10.0.0.5:8080"], "203.0.113.7"),  # ports some proxies add
+        ("10.0.0.9", ["[2a00:1450::1]:443"], "2a00:1450::1"),
+        ("10.0.0.9", ["[2a00:1450::1"], "2a00:1450::1"),
+        ("10.0.0.9", ["203.0.113.7:443:1"], "10.0.0.9"),  # neither an address nor an address with a port
         ("2001:db8::1", ["2001:db8::2, 2a00:1450::1"], "2a00:1450::1"),
         ("2001:db8::1", ["2A00:1450:0::1"], "2a00:1450::1"),  # written as an address is written
         ("::ffff:10.0.0.9", ["::ffff:203.0.113.7"], "203.0.113.7"),  # a dual-stack listener's IPv4 peers
@@ -37,6 +40,14 @@ LB = [ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2001:db8::/32")]
 )
 def test_client_address(peer: str | None, forwarded_for: list[str], client: str | None) -> None:
     assert client_address(peer, forwarded_for, LB) == client
+
+
+def test_a_chain_is_believed_for_at_most_max_hops_and_padding_is_not_parsed() -> None:
+    trusted_chain = ", ".join(f"10.0.{n // 250}.{n % 250 + 1}" for n in range(MAX_HOPS + 5))
+    # 37 trusted hops after the client: the 32 on the right are read, and the leftmost of those is as far as it goes.
+    assert client_address("10.0.0.9", [f"203.0.113.7, {trusted_chain}"], LB) == "10.0.0.6"
+    padded = "x" * 1_000_000 + ", 203.0.113.7"
+    assert client_address("10.0.0.9", [padded], LB) == "203.0.113.7"
 
 
 def test_without_trusted_proxies_the_peer_is_the_client() -> None:

@@ -7,11 +7,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
+from gateway.listener import Listener, Request
 from tests.support import (
     AUDIENCE,
     ISSUER,
@@ -342,6 +345,49 @@ routes:
                     while chunk := await reader.read(1 << 20):  # what was already in flight, then the end
                         received += len(chunk)
             assert 0 < received < 512 * len(STREAM_CHUNK)
+
+
+async def test_a_websocket_handed_over_while_the_socket_is_full_is_not_taken_for_a_stalled_client(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The answer before a WebSocket handshake may still fill the socket when the connection is handed to aiohttp:
+    the stall watch ends with the handover, and aiohttp is told to wait for the socket (it used to be aborted
+    send_timeout later, while in use)."""
+
+    async def serve(request: Request) -> None:
+        request.respond(200, "OK", [], b"x" * (8 << 20))  # one write, far over the high-water mark
+
+    async def echo(request: web.BaseRequest) -> web.StreamResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for message in ws:
+            await ws.send_str(message.data)
+        return ws
+
+    send_timeout = 0.1
+    aiohttp_server = web.Server(echo)
+    listener = Listener(serve, aiohttp_server, 16384, 60.0, send_timeout)
+    port = await listener.start("127.0.0.1", 0, False)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        async with asyncio.timeout(10):
+            status, _, body = await read_answer(reader)
+            assert status == 200 and len(body) == 8 << 20
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+        await asyncio.sleep(3 * send_timeout)  # past send_timeout: a stall watch left running would have fired
+        writer.write(bytes([0x81, 0x82, 1, 2, 3, 4]) + bytes(b ^ m for b, m in zip(b"hi", b"\x01\x02", strict=True)))
+        async with asyncio.timeout(10):
+            assert await reader.readexactly(4) == b"\x81\x02hi"  # echoed, unmasked
+        writer.close()
+    finally:
+        await listener.stop(1.0)
+        await aiohttp_server.shutdown(1.0)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 async def test_websocket_handshake_after_a_plain_request_on_the_same_connection(
