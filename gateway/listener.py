@@ -9,7 +9,7 @@ One request is served at a time per connection; pipelined requests wait their tu
 bodies stream with flow control (reading pauses while BODY_LIMIT bytes wait for the upstream); answers wait for
 the client's socket to drain. A connection is closed when idle (no request under way) for `listen.idle_timeout`,
 counted from its opening or its last answer: that also ends clients that trickle a request head in. One whose
-client stops reading an answer is aborted once the answer has waited `listen.send_timeout` for the socket to drain.
+client stops reading is aborted once its answer could not be sent on for `listen.send_timeout`, none of it taken.
 A client's FIN is taken as its leaving, as nginx takes it by default: the request under way is cancelled and its
 upstream request dropped. TCP cannot tell a half-close from a departure, so a client that half-closes after its
 request gets no answer; the other way, every departed client's slow upstream request would run to its end.
