@@ -36,7 +36,7 @@ from gateway import errors
 from gateway.config import IntrospectionSettings
 from gateway.identity import Identity
 from gateway.metrics import Metrics
-from gateway.verify.cache import TokenCache, token_digest
+from gateway.verify.cache import TokenCache
 
 log = logging.getLogger(__name__)
 
@@ -342,9 +342,10 @@ class Introspector:
         entry.identity = judge_answer(entry.answer, self.settings, now)
         return entry.identity
 
-    async def introspect(self, token: str, digest: bytes | None = None) -> Identity:
-        """Judge `token` by the endpoint's answer: from a cache, or from one call however many ask at once."""
-        answer = await self._answer(digest if digest is not None else token_digest(token), token)
+    async def introspect(self, token: str, digest: bytes) -> Identity:
+        """Judge `token` (`digest`: its `token_digest`) by the endpoint's answer: from a cache, or from one call
+        however many ask at once."""
+        answer = await self._answer(digest, token)
         return judge_answer(answer, self.settings, self.clock())
 
     async def _answer(self, digest: bytes, token: str) -> Answer:

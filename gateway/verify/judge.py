@@ -73,17 +73,17 @@ class Judge:
         # No b64token check (check_syntax) before a JWT is parsed: JWT parsing is stricter (three base64url segments
         # and two dots are a b64token). Only a token that is not a JWT of the route's issuers needs it, so that a
         # malformed bearer token is answered 400 invalid_request, as RFC 6750 §3.1 says, not 401.
-        identity: Identity | None
         try:
             identity = await self.verifier.verify_new(token, digest, self.issuers)
         except NotMine as exc:
             check_syntax(token)
             if self.mode == "jwt":
                 raise exc.error from None
-            identity = None
-        if identity is None:  # not a JWT, or not from one of this route's issuers: the authorization server decides
-            identity = await self._introspect(token, digest)
-        return self._admit(identity)
+        else:
+            return self._admit(identity)
+        # Not a JWT, or not from one of this route's issuers: the authorization server decides.
+        judged = self._introspected(token, digest)
+        return judged if isinstance(judged, Identity) else await judged
 
     def _introspected(self, token: str, digest: bytes) -> Identity | Awaitable[Identity]:
         """As `judge`, by introspection: an answer cached in memory is judged at once, anything else awaited."""
@@ -92,8 +92,3 @@ class Judge:
         if identity is not None:
             return self._admit(identity)
         return self._admitted(self.introspector.introspect(token, digest))
-
-    async def _introspect(self, token: str, digest: bytes) -> Identity:
-        assert self.introspector is not None  # noqa: S101 - __post_init__ checks
-        identity = self.introspector.cached(digest)
-        return identity if identity is not None else await self.introspector.introspect(token, digest)
