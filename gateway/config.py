@@ -7,10 +7,20 @@ cross-references) lives in `configfile.py`.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, IPvAnyNetwork, WithJsonSchema, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    IPvAnyNetwork,
+    WithJsonSchema,
+    model_validator,
+)
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -44,6 +54,19 @@ Duration = Annotated[
         }
     ),
 ]
+
+
+def _unmapped(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """An IPv4 range written IPv6-mapped (::ffff:10.0.0.0/104) as the IPv4 range it is: peers are compared as IPv4."""
+    mapped = ipaddress.ip_network("::ffff:0:0/96")
+    if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(mapped):
+        address = network.network_address.ipv4_mapped
+        assert address is not None  # noqa: S101 - inside ::ffff:0:0/96
+        return ipaddress.IPv4Network((address, network.prefixlen - 96))
+    return network
+
+
+Network = Annotated[IPvAnyNetwork, AfterValidator(_unmapped)]
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
 HeaderName = Annotated[str, Field(pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")]
 Algorithm = Literal["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"]
@@ -78,7 +101,7 @@ class ListenSettings(Model):
         ge=1024,
         description="Largest request line or header line accepted (larger: 431); a whole head may be 8× this.",
     )
-    trusted_proxies: tuple[IPvAnyNetwork, ...] = Field(
+    trusted_proxies: tuple[Network, ...] = Field(
         (),
         description="Load balancers in front of the gateway (addresses or CIDR ranges): from them, the client's "
         "address for logs and last-use records is read from X-Forwarded-For.",

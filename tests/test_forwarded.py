@@ -9,6 +9,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from gateway import configfile
 from gateway.forwarded import MAX_HOPS, client_address
 from tests.support import RichUpstream, start_gateway
 
@@ -78,3 +79,25 @@ routes:
     assert [getattr(r, "client", None) for r in caplog.records if r.name == "gateway.access"] == [client]
     # Upstream, the chain is passed on with the direct peer appended, whoever is trusted.
     assert rich_upstream.requests[-1]["headers"]["X-Forwarded-For"] == "198.51.100.1, 203.0.113.7, 127.0.0.1"
+
+
+def test_an_ipv4_range_written_ipv6_mapped_is_loaded_as_ipv4() -> None:
+    """A dual-stack listener's IPv4 peers are compared as IPv4, so a range written ::ffff:a.b.c.d/n must be too."""
+    text = """
+listen: {trusted_proxies: ["::ffff:10.0.0.0/104", "::ffff:192.0.2.7", "2001:db8::/32", "10.1.0.0/16"]}
+routes:
+  - name: r
+    match: {path_prefix: /}
+    upstream: {url: "http://127.0.0.1:9"}
+    auth: {mode: none}
+"""
+    trusted = configfile.loads(text).listen.trusted_proxies
+    assert trusted == (
+        ipaddress.ip_network("10.0.0.0/8"),
+        ipaddress.ip_network("192.0.2.7/32"),
+        ipaddress.ip_network("2001:db8::/32"),
+        ipaddress.ip_network("10.1.0.0/16"),
+    )
+    assert client_address("::ffff:10.0.0.9", ["203.0.113.7"], trusted) == "203.0.113.7"
+    assert client_address("192.0.2.7", ["203.0.113.7"], trusted) == "203.0.113.7"
+    assert client_address("192.0.2.8", ["203.0.113.7"], trusted) == "192.0.2.8"
