@@ -56,10 +56,12 @@ Duration = Annotated[
 ]
 
 
+_IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
 def _unmapped(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     """An IPv4 range written IPv6-mapped (::ffff:10.0.0.0/104) as the IPv4 range it is: peers are compared as IPv4."""
-    mapped = ipaddress.ip_network("::ffff:0:0/96")
-    if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(mapped):
+    if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_IPV4_MAPPED):
         address = network.network_address.ipv4_mapped
         assert address is not None  # noqa: S101 - inside ::ffff:0:0/96
         return ipaddress.IPv4Network((address, network.prefixlen - 96))
