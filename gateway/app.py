@@ -276,7 +276,7 @@ class Handler:
             upstream = route.upstream
             target = upstream.target(request.rel_url.raw_path, request.rel_url.raw_query_string)
             headers = upstream.headers(request, identity)
-            answers.append(await websocket.relay(request, self.runtime.session, upstream.timeout, target, headers))
+            answers.append(await websocket.relay(request, self.runtime.session, upstream, target, headers))
             return answers[-1].status
 
         def refuse(exc: errors.GatewayError) -> int:

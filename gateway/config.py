@@ -246,6 +246,13 @@ class UpstreamSettings(Model):
     connect_timeout: Duration = Field(5.0, description="Time to connect to the upstream; 502 after.")
     strip_prefix: str | None = Field(None, description="Remove this prefix from the path before forwarding.")
     preserve_host: bool = Field(False, description="Send the client's Host header instead of the upstream's.")
+    websocket_max_message_bytes: int = Field(
+        4 * 1024 * 1024,
+        ge=0,
+        description="Largest WebSocket message relayed, either way; 0: no limit. A larger one is refused by its "
+        "frame header, unread: its sender gets 1009 (or a reset, if still sending), the other side 1001 (upstream) "
+        "or 1014 (client).",
+    )
 
     @model_validator(mode="after")
     def _http_url(self) -> UpstreamSettings:

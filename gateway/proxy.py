@@ -54,6 +54,7 @@ class Upstream:
     preserve_host: bool
     timeout: float
     connect_timeout: float
+    websocket_max_message: int  # bytes, 0: no limit
     identity_headers: tuple[tuple[str, str], ...]
     removed: frozenset[str]  # lower-case request headers never forwarded as sent
     credential_source: str | None  # "authorization" | "header" | "cookie" | "query", when it must be removed
@@ -85,6 +86,7 @@ class Upstream:
             preserve_host=route.upstream.preserve_host,
             timeout=route.upstream.timeout,
             connect_timeout=route.upstream.connect_timeout,
+            websocket_max_message=route.upstream.websocket_max_message_bytes,
             identity_headers=identity,
             removed=frozenset(removed),
             credential_source=token.source if remove else None,

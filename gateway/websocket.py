@@ -5,6 +5,7 @@ then messages are pumped both ways, and each side's close (with its code) is pas
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
@@ -12,6 +13,9 @@ from multidict import CIMultiDict, MultiMapping
 from yarl import URL
 
 from gateway import errors
+
+if TYPE_CHECKING:  # proxy imports the listener, which imports this module
+    from gateway.proxy import Upstream
 
 _WS_HANDSHAKE = frozenset({"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions"})
 _WS_CLOSE_TIMEOUT = 10.0  # once one side closed, how long the other may take to finish its close
@@ -30,10 +34,11 @@ def is_websocket(headers: MultiMapping[str]) -> bool:
 async def relay(
     request: web.BaseRequest,
     session: aiohttp.ClientSession,
-    handshake_timeout: float,
+    upstream: Upstream,
     url: URL,
     headers: CIMultiDict[str],
 ) -> web.StreamResponse:
+    """Relay one WebSocket between the client and `url`; the handshake must complete within the upstream's timeout."""
     protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
     if not web.WebSocketResponse(protocols=protocols).can_prepare(request).ok:
         # Checked before connecting upstream: a handshake we cannot complete towards the client (bad key, version,
@@ -43,9 +48,14 @@ async def relay(
         if name.lower() in _WS_HANDSHAKE or name.lower() == "sec-websocket-protocol":
             headers.popall(name, None)
     try:
-        async with asyncio.timeout(handshake_timeout):
+        async with asyncio.timeout(upstream.timeout):
             upstream_ws = await session.ws_connect(
-                url, headers=headers, protocols=protocols, autoping=False, autoclose=False
+                url,
+                headers=headers,
+                protocols=protocols,
+                autoping=False,
+                autoclose=False,
+                max_msg_size=upstream.websocket_max_message,
             )
     except aiohttp.ClientError:  # before TimeoutError, as in forward()
         raise errors.UpstreamUnavailable() from None
@@ -55,7 +65,10 @@ async def relay(
         # autoclose off on both sides: a pump answers a close only after relaying it, so the far side hears the
         # real close code before this side may hang up (which cancels this handler).
         client_ws = web.WebSocketResponse(
-            protocols=[upstream_ws.protocol] if upstream_ws.protocol else (), autoping=False, autoclose=False
+            protocols=[upstream_ws.protocol] if upstream_ws.protocol else (),
+            autoping=False,
+            autoclose=False,
+            max_msg_size=upstream.websocket_max_message,
         )
         await client_ws.prepare(request)
         pumps = [

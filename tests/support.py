@@ -421,7 +421,7 @@ class RichUpstream(Upstream):
 
     async def _ws(self, request: web.Request) -> web.WebSocketResponse:
         self._record(request)
-        ws = web.WebSocketResponse(protocols=("chat.v2",))
+        ws = web.WebSocketResponse(protocols=("chat.v2",), max_msg_size=0)  # the gateway's limit is under test
         await ws.prepare(request)
         try:
             async for message in ws:
@@ -430,6 +430,9 @@ class RichUpstream(Upstream):
                         assert request.transport is not None  # noqa: S101 - a live connection
                         request.transport.abort()
                         break
+                    if message.data.startswith("big:"):  # a binary message of that many bytes
+                        await ws.send_bytes(bytes(int(message.data[4:])))
+                        continue
                     if message.data.startswith("close:"):
                         await ws.close(code=int(message.data[6:]), message=b"bye")
                         break

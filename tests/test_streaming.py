@@ -45,6 +45,10 @@ routes:
     upstream: {{url: "{up}"}}
     auth: {{mode: jwt, issuers: [corp]}}
     forward: {{identity_headers: {{X-Auth-Subject: sub}}}}
+  - name: ws-big
+    match: {{path: /big/ws}}
+    upstream: {{url: "{up}", strip_prefix: /big, websocket_max_message_bytes: 8388608}}
+    auth: {{mode: jwt, issuers: [corp]}}
   - name: open
     match: {{path_prefix: /}}
     upstream: {{url: "{up}", timeout: 60s}}
@@ -213,6 +217,53 @@ async def test_websocket_through_gateway(
     assert handshake["X-Auth-Subject"] == "alice"
     assert "Authorization" not in handshake
     assert gw.metric("gateway_auth_decisions_total", route="ws", outcome="allow", reason="ok") == 1
+
+
+async def test_a_websocket_message_over_the_limit_closes_its_sender_with_1009_and_the_other_side_too(
+    gw: RunningGateway, rich_upstream: RichUpstream, rsa_key: Key, http: aiohttp.ClientSession
+) -> None:
+    """The default limit is 4 MiB each way: a larger message is never relayed in part, and neither side is left
+    hanging on a WebSocket whose other half is gone."""
+    token = rsa_key.sign()
+    async with asyncio.timeout(10):
+        async with http.ws_connect(f"{gw.url}/ws", headers={"Authorization": f"Bearer {token}"}) as ws:
+            # From the client. aiohttp refuses the frame by its header, before reading its payload, and closes:
+            # the client, still sending, may see its 1009 or only the reset the unread payload causes.
+            try:
+                await ws.send_bytes(bytes(4 * MIB + 1))
+                message = await ws.receive()
+            except ConnectionError:
+                message = None
+            if message is not None and message.type == aiohttp.WSMsgType.CLOSE:
+                assert ws.close_code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
+            else:
+                assert message is None or message.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR)
+        # The upstream heard no part of it (it would have echoed, not closed) and is told the client went away.
+        await rich_upstream.ws_closed.wait()
+        assert rich_upstream.ws_close_codes == [aiohttp.WSCloseCode.GOING_AWAY]
+        rich_upstream.ws_closed.clear()
+        async with http.ws_connect(f"{gw.url}/ws", headers={"Authorization": f"Bearer {token}"}) as ws:
+            await ws.send_str(f"big:{4 * MIB + 1}")  # from the upstream
+            message = await ws.receive()
+            assert message.type == aiohttp.WSMsgType.CLOSE
+            assert ws.close_code == aiohttp.WSCloseCode.BAD_GATEWAY
+        await rich_upstream.ws_closed.wait()
+    # As above, the sender may hear 1009 or only the reset (aiohttp then reports no code).
+    assert rich_upstream.ws_close_codes[-1] in (aiohttp.WSCloseCode.MESSAGE_TOO_BIG, None)
+
+
+async def test_a_route_can_raise_the_websocket_message_limit(
+    gw: RunningGateway, rsa_key: Key, http: aiohttp.ClientSession
+) -> None:
+    big = os.urandom(5 * MIB)
+    async with asyncio.timeout(20):
+        async with http.ws_connect(
+            f"{gw.url}/big/ws", headers={"Authorization": f"Bearer {rsa_key.sign()}"}, max_msg_size=0
+        ) as ws:
+            await ws.send_bytes(big)
+            assert await ws.receive_bytes() == big[::-1]  # both ways: the upstream echoes it reversed
+            await ws.send_str(f"big:{6 * MIB}")
+            assert await ws.receive_bytes() == bytes(6 * MIB)
 
 
 async def test_websocket_upstream_close_code_reaches_client(
