@@ -173,7 +173,7 @@ def clean_pair_round(result: dict[str, float]) -> bool:
 def head_to_head_table(pairs: dict[tuple[str, str], list[dict[str, float]]]) -> str:
     """Per pair: CPU µs/request of each (medians over the rounds) and first ÷ second as a throughput ratio (the
     inverse ratio of CPU per request), its median and its range over the rounds. Rounds in which the core was not
-    saturated by the pair, or others used it, are left out when a clean round remains."""
+    saturated by the pair are left out when a clean round remains (see clean_pair_round)."""
     headers = ["first", "second", "rounds", "CPU µs/req", "core share", "first ÷ second", "range"]
     rows = []
     for (first, second), all_results in pairs.items():
