@@ -163,7 +163,9 @@ def execute(args: argparse.Namespace, targets: list[Target], bench: Bench) -> No
         f"Token Gateway bench — {args.rounds} round(s) × {args.duration:g} s per target, wrk -t1 -c{args.connections}; "
         f"server on core 0, wrk + upstream nginx on core 1; medians over rounds"
     )
-    print(f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M')}")
+    print(
+        f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M')}, {commit()}"
+    )
     if summaries:
         print()
         print(main_table(summaries, problems))
@@ -225,6 +227,27 @@ def head_to_head(
     return pairs
 
 
+def commit() -> str:
+    """The commit measured, marked `+changes` when tracked files differ from it: a figure is quoted with it."""
+    git = ["git", "-C", str(Path(__file__).resolve().parent)]
+    try:
+        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        changed = subprocess.run(
+            [*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=False
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown commit"
+    return head.stdout.strip() + ("+changes" if changed.stdout.strip() else "")
+
+
+def cpu_model() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
+
+
 def save(
     args: argparse.Namespace,
     runs: dict[str, list[Run]],
@@ -237,6 +260,10 @@ def save(
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / time.strftime("run-%Y%m%d-%H%M%S.json", time.localtime(started))
     record = {
+        "commit": commit(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "machine": {"node": platform.node(), "arch": platform.machine(), "cpus": os.cpu_count(), "cpu": cpu_model()},
+        "python": platform.python_version(),
         "args": {k: v for k, v in vars(args).items() if k != "pair_targets"},
         "runs": {name: [dataclasses.asdict(run) for run in rs] for name, rs in runs.items()},
         "fixed_rate": fixed,
