@@ -136,6 +136,7 @@ def main() -> None:
 
 def execute(args: argparse.Namespace, targets: list[Target], bench: Bench) -> None:
     started = time.time()
+    measured = commit()  # before the runs: files edited meanwhile must not relabel them
     runs: dict[str, list[Run]] = {}
     problems: dict[str, str] = {}
     if not args.pairs_only:
@@ -164,7 +165,7 @@ def execute(args: argparse.Namespace, targets: list[Target], bench: Bench) -> No
         f"server on core 0, wrk + upstream nginx on core 1; medians over rounds"
     )
     print(
-        f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M')}, {commit()}"
+        f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M')}, {measured}"
     )
     if summaries:
         print()
@@ -195,7 +196,7 @@ def execute(args: argparse.Namespace, targets: list[Target], bench: Bench) -> No
             "not the same quantity as a ratio of separate runs."
         )
         print(head_to_head_table(pairs))
-    save(args, runs, fixed, fixed_runs, pairs, problems, started)
+    save(args, runs, fixed, fixed_runs, pairs, problems, started, measured)
 
 
 def head_to_head(
@@ -233,7 +234,7 @@ def commit() -> str:
     try:
         head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
         changed = subprocess.run(
-            [*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=False
+            [*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=True
         )
     except (OSError, subprocess.CalledProcessError):
         return "unknown commit"
@@ -256,11 +257,12 @@ def save(
     pairs: dict[tuple[str, str], list[dict[str, float]]],
     problems: dict[str, str],
     started: float,
+    measured: str,
 ) -> None:
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / time.strftime("run-%Y%m%d-%H%M%S.json", time.localtime(started))
     record = {
-        "commit": commit(),
+        "commit": measured,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "machine": {"node": platform.node(), "arch": platform.machine(), "cpus": os.cpu_count(), "cpu": cpu_model()},
         "python": platform.python_version(),

@@ -33,7 +33,7 @@ def build(directory: Path) -> Path:
 
 
 def argv(binary: Path, port: int, rate: float, seconds: float, tokens: Path, connections: int = 64) -> list[str]:
-    return [str(binary), str(port), f"{rate:.0f}", f"{seconds:g}", str(tokens), str(connections)]
+    return [str(binary), str(port), f"{rate:.10g}", f"{seconds:.10g}", str(tokens), str(connections)]
 
 
 def main() -> None:

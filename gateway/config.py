@@ -248,10 +248,12 @@ class UpstreamSettings(Model):
     preserve_host: bool = Field(False, description="Send the client's Host header instead of the upstream's.")
     websocket_max_message_bytes: int = Field(
         4 * 1024 * 1024,
-        ge=0,
-        description="Largest WebSocket message relayed, either way; 0: no limit. A larger one is refused by its "
-        "frame header, unread: its sender gets 1009 (or a reset, if still sending), the other side 1001 (upstream) "
-        "or 1014 (client).",
+        ge=1,
+        le=256 * 1024 * 1024,
+        description="Largest WebSocket message relayed, either way (a message is held whole in memory, so there is "
+        "always a limit). A larger one is refused by its frame header, unread (a compressed one once inflated past "
+        "the limit): its sender gets 1009 (or a reset, if still sending), the other side 1001 (upstream) or 1014 "
+        "(client).",
     )
 
     @model_validator(mode="after")

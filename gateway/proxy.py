@@ -54,7 +54,7 @@ class Upstream:
     preserve_host: bool
     timeout: float
     connect_timeout: float
-    websocket_max_message: int  # bytes, 0: no limit
+    websocket_max_message: int  # bytes
     identity_headers: tuple[tuple[str, str], ...]
     removed: frozenset[str]  # lower-case request headers never forwarded as sent
     credential_source: str | None  # "authorization" | "header" | "cookie" | "query", when it must be removed

@@ -5,6 +5,7 @@ then messages are pumped both ways, and each side's close (with its code) is pas
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -16,6 +17,8 @@ from gateway import errors
 
 if TYPE_CHECKING:  # proxy imports the listener, which imports this module
     from gateway.proxy import Upstream
+
+log = logging.getLogger(__name__)
 
 _WS_HANDSHAKE = frozenset({"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions"})
 _WS_CLOSE_TIMEOUT = 10.0  # once one side closed, how long the other may take to finish its close
@@ -55,7 +58,7 @@ async def relay(
                 protocols=protocols,
                 autoping=False,
                 autoclose=False,
-                max_msg_size=upstream.websocket_max_message,
+                max_msg_size=upstream.websocket_max_message + 1,  # aiohttp refuses a message of max_msg_size
             )
     except aiohttp.ClientError:  # before TimeoutError, as in forward()
         raise errors.UpstreamUnavailable() from None
@@ -68,7 +71,7 @@ async def relay(
             protocols=[upstream_ws.protocol] if upstream_ws.protocol else (),
             autoping=False,
             autoclose=False,
-            max_msg_size=upstream.websocket_max_message,
+            max_msg_size=upstream.websocket_max_message + 1,
         )
         await client_ws.prepare(request)
         pumps = [
@@ -123,6 +126,12 @@ async def _pump(
             await source.close(code=code)
             return
         else:  # CLOSING (the other pump is closing source), CLOSED or ERROR (the connection broke)
+            if message.type == aiohttp.WSMsgType.ERROR and getattr(message.data, "code", None) == 1009:
+                # Said once, without the message: what an operator needs to explain a 1009 or 1014.
+                log.info(
+                    "a WebSocket message over websocket_max_message_bytes closed the WebSocket",
+                    extra={"sender": "upstream" if towards_client else "client"},
+                )
             broken = message.type != aiohttp.WSMsgType.CLOSING
             await sink.close(code=_relayable_close_code(1006 if broken else None, towards_client))
             return

@@ -68,8 +68,8 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.fail("no C compiler (cc or gcc) on PATH: bench/openloop.c cannot be built; install gcc", pytrace=False)
     try:
         return openloop.build(tmp_path_factory.mktemp("openloop"))
-    except SystemExit as exc:
-        pytest.fail(f"openloop.build gave up: {exc}", pytrace=False)
+    except (SystemExit, subprocess.CalledProcessError) as exc:
+        pytest.fail(f"bench/openloop.c did not build (needs gcc and the libc headers): {exc}", pytrace=False)
 
 
 @dataclass
@@ -161,6 +161,7 @@ def test_argv_is_what_the_client_takes() -> None:
     assert openloop.argv(Path("/b/openloop"), 1, 10, 2, Path("/t"))[-1] == "64"
     # A fraction of a second is passed on (the C client reads a float); rounded, 0.5 s became "0" and failed.
     assert openloop.argv(Path("/b/openloop"), 1, 10, 2.5, Path("/t"))[3] == "2.5"
+    assert openloop.argv(Path("/b/openloop"), 1, 2183.5, 2, Path("/t"))[2] == "2183.5"  # half of an odd max
 
 
 def test_build_compiles_once(client: Path) -> None:
@@ -189,24 +190,26 @@ async def test_openloop_sends_at_the_rate_with_the_tokens_in_order(client: Path,
     assert abs(result["achieved_rps"] - RATE) < 0.25 * RATE
     # Open loop: the requests are spread over the second, not sent in a burst (the last is due at 299/300 s).
     span = server.arrivals[-1] - server.arrivals[0]
-    assert 0.9 < span < 1.5, span
-    first_half = sum(1 for t in server.arrivals if t - server.arrivals[0] < span / 2)
-    assert abs(first_half - TOTAL / 2) < 0.25 * TOTAL, first_half
+    assert 0.75 < span < 1.5, span
+    # A burst (every request due at once) is sent as fast as one connection answers: all in a fraction of a second.
+    early = sum(1 for t in server.arrivals if t - server.arrivals[0] < 0.5)
+    assert early < 0.8 * TOTAL, early
 
 
 async def test_openloop_one_stalled_request_shows_in_max_not_in_median(client: Path, tmp_path: Path) -> None:
-    """Request 30 is held until request 120 arrives (~300 ms later at 300 req/s) while 63 other connections carry
-    on: max (and p99.9, the top one of 300) is the stall, p50 and p99 (the 3rd highest) stay small."""
+    """Request 30 is held until request 270 arrives (~800 ms later at 300 req/s) while 63 other connections carry
+    on: max (and p99.9, the top one of 300) is the stall, p50 and p99 (the 3rd highest) stay small. The stall is
+    long so that a slow spell of the VM (~150 ms seen here) cannot pass for it."""
     tokens = token_file(tmp_path / "tokens", [f"tok-{k}" for k in range(7)])
-    async with serving(Recorder(hold=30, release=120)) as server:
+    async with serving(Recorder(hold=30, release=270)) as server:
         result = await run_client(client, server.port, tokens)
     stall_ms = server.held_for * 1000
-    assert 200 < stall_ms < 1000, "request 120 released request 30"
+    assert 500 < stall_ms < 4000, "request 270 released request 30"
     # The client times from when the request was due, which is before the server saw it: never less than the stall.
     assert stall_ms <= result["max_ms"] < stall_ms + 500
     assert result["p999_ms"] == result["max_ms"]
     assert result["p50_ms"] < 50
-    assert result["p99_ms"] < stall_ms * 0.75
+    assert result["p99_ms"] < stall_ms / 2
     assert (result["sent"], result["completed"], result["errors"], result["non_2xx"]) == (TOTAL, TOTAL, 0, 0)
     # 64 connections: the arrival order may differ slightly, the counts may not (300 = 42 × 7 + 6).
     counts = Counter(a.removeprefix("Bearer ") for a in server.authorizations)

@@ -99,6 +99,15 @@ ERROR_CASES = [
     (("audiences: [api]", "audiences: []"), "issuers[0].audiences: Tuple should have at least 1"),
     (("issuers:\n", "listen: {idle_timeout: 0s}\nissuers:\n"), "listen.idle_timeout: Input should be greater than 0"),
     (("issuers:\n", "listen: {send_timeout: 0s}\nissuers:\n"), "listen.send_timeout: Input should be greater than 0"),
+    # A WebSocket message is held whole: "no limit" would let one frame claim all of the gateway's memory.
+    (
+        ('url: "http://127.0.0.1:9"', 'url: "http://127.0.0.1:9", websocket_max_message_bytes: 0'),
+        "routes[0].upstream.websocket_max_message_bytes: Input should be greater than or equal to 1",
+    ),
+    (
+        ('url: "http://127.0.0.1:9"', 'url: "http://127.0.0.1:9", websocket_max_message_bytes: 268435457'),
+        "routes[0].upstream.websocket_max_message_bytes: Input should be less than or equal to 268435456",
+    ),
     (
         ("    auth: {mode: jwt, issuers: [corp]}", "    auth: {mode: none, required_scopes: [x]}"),
         "mode none checks no token",

@@ -84,7 +84,8 @@ routes:
 def test_an_ipv4_range_written_ipv6_mapped_is_loaded_as_ipv4() -> None:
     """A dual-stack listener's IPv4 peers are compared as IPv4, so a range written ::ffff:a.b.c.d/n must be too."""
     text = """
-listen: {trusted_proxies: ["::ffff:10.0.0.0/104", "::ffff:192.0.2.7", "2001:db8::/32", "10.1.0.0/16"]}
+listen: {trusted_proxies: ["::ffff:10.0.0.0/104", "::ffff:192.0.2.7", "2001:db8::/32", "10.1.0.0/16",
+                          "::ffff:198.51.100.9/128", "::ffff:0:0/96"]}
 routes:
   - name: r
     match: {path_prefix: /}
@@ -97,7 +98,11 @@ routes:
         ipaddress.ip_network("192.0.2.7/32"),
         ipaddress.ip_network("2001:db8::/32"),
         ipaddress.ip_network("10.1.0.0/16"),
+        ipaddress.ip_network("198.51.100.9/32"),
+        ipaddress.ip_network("0.0.0.0/0"),  # the whole mapped block: every IPv4 address
     )
+    assert client_address("::ffff:203.0.113.50", ["198.51.100.1"], trusted) == "198.51.100.1"  # via 0.0.0.0/0
+    trusted = trusted[:4]
     assert client_address("::ffff:10.0.0.9", ["203.0.113.7"], trusted) == "203.0.113.7"
     assert client_address("192.0.2.7", ["203.0.113.7"], trusted) == "203.0.113.7"
     assert client_address("192.0.2.8", ["203.0.113.7"], trusted) == "192.0.2.8"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 import time
 from collections.abc import AsyncIterator
@@ -220,10 +221,15 @@ async def test_websocket_through_gateway(
 
 
 async def test_a_websocket_message_over_the_limit_closes_its_sender_with_1009_and_the_other_side_too(
-    gw: RunningGateway, rich_upstream: RichUpstream, rsa_key: Key, http: aiohttp.ClientSession
+    gw: RunningGateway,
+    rich_upstream: RichUpstream,
+    rsa_key: Key,
+    http: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The default limit is 4 MiB each way: a larger message is never relayed in part, and neither side is left
     hanging on a WebSocket whose other half is gone."""
+    caplog.set_level(logging.INFO, logger="gateway.websocket")
     token = rsa_key.sign()
     async with asyncio.timeout(10):
         async with http.ws_connect(f"{gw.url}/ws", headers={"Authorization": f"Bearer {token}"}) as ws:
@@ -250,20 +256,26 @@ async def test_a_websocket_message_over_the_limit_closes_its_sender_with_1009_an
         await rich_upstream.ws_closed.wait()
     # As above, the sender may hear 1009 or only the reset (aiohttp then reports no code).
     assert rich_upstream.ws_close_codes[-1] in (aiohttp.WSCloseCode.MESSAGE_TOO_BIG, None)
+    # The operator is told why, once per WebSocket, and by whom: not with the message.
+    told = [r for r in caplog.records if "over websocket_max_message_bytes" in r.getMessage()]
+    assert [getattr(r, "sender", None) for r in told] == ["client", "upstream"]
 
 
 async def test_a_route_can_raise_the_websocket_message_limit(
     gw: RunningGateway, rsa_key: Key, http: aiohttp.ClientSession
 ) -> None:
-    big = os.urandom(5 * MIB)
+    """/big/ws allows 8 MiB: a message of exactly the limit passes both ways, one byte more does not."""
+    big = os.urandom(8 * MIB)
     async with asyncio.timeout(20):
         async with http.ws_connect(
             f"{gw.url}/big/ws", headers={"Authorization": f"Bearer {rsa_key.sign()}"}, max_msg_size=0
         ) as ws:
             await ws.send_bytes(big)
             assert await ws.receive_bytes() == big[::-1]  # both ways: the upstream echoes it reversed
-            await ws.send_str(f"big:{6 * MIB}")
-            assert await ws.receive_bytes() == bytes(6 * MIB)
+            await ws.send_str(f"big:{8 * MIB + 1}")
+            message = await ws.receive()
+            assert message.type == aiohttp.WSMsgType.CLOSE
+            assert ws.close_code == aiohttp.WSCloseCode.BAD_GATEWAY
 
 
 async def test_websocket_upstream_close_code_reaches_client(
