@@ -126,7 +126,10 @@ async def _pump(
             await source.close(code=code)
             return
         else:  # CLOSING (the other pump is closing source), CLOSED or ERROR (the connection broke)
-            if message.type == aiohttp.WSMsgType.ERROR and getattr(message.data, "code", None) == 1009:
+            if (
+                message.type == aiohttp.WSMsgType.ERROR
+                and getattr(message.data, "code", None) == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
+            ):
                 # Said once, without the message: what an operator needs to explain a 1009 or 1014.
                 log.info(
                     "a WebSocket message over websocket_max_message_bytes closed the WebSocket",
