@@ -311,6 +311,32 @@ def test_a_jose_header_not_in_utf8_is_malformed() -> None:
         _peek(f"{utf16_header}.eyJhIjoxfQ.c2ln")
 
 
+@pytest.mark.parametrize(
+    "text",
+    ['{"sub":"a"}', ' {"sub":"a"}', '{"sub":"a"}\n', '\t{"sub":"a"} ', '{"sub":"a"}x', '{"sub":"a"}{"sub":"b"}',
+     '{"sub":"a"', "", " ", '["a"]', '"a"', "1", "nul"],
+)  # fmt: skip
+def test_a_json_segment_is_read_exactly_as_json_loads_reads_it(text: str) -> None:
+    """_json_segment's fast path (raw_decode) takes only what it reads whole; the rest must still be decided by
+    json.loads: JSON's surrounding whitespace accepted, anything after the value or a truncated value refused."""
+    segment = base64.urlsafe_b64encode(text.encode()).rstrip(b"=").decode()
+    try:
+        expected: Any = json.loads(text)
+    except ValueError:
+        expected = ValueError
+    if expected is ValueError:
+        with pytest.raises(ValueError):
+            jwt_local._json_segment(segment)
+    else:
+        assert jwt_local._json_segment(segment) == expected
+    token = f"{b64({'alg': 'RS256'})}.{segment}.c2ln"
+    if isinstance(expected, dict):
+        assert _peek(token)[1] == expected
+    else:  # not JSON, or JSON but not a claims set
+        with pytest.raises(NotMine):
+            _peek(token)
+
+
 def test_parsed_headers_are_remembered_boundedly_and_give_the_same_answers() -> None:
     """A header segment seen before is not decoded again; the memo stays bounded whatever headers arrive, skips
     oversized ones (in characters or members), and a remembered header still goes with whatever claims and signature the token has."""

@@ -101,7 +101,7 @@ class JwtVerifier:
         _check_signature(token, signature, alg, key)
         settings = issuer.settings
         _check_claims(claims, settings.issuer, settings.audiences, settings.leeway, self._clock())
-        identity = self._identity(claims, issuer, kid)
+        identity = self._identity(claims, issuer)
         assert identity.expires_at is not None  # noqa: S101 - _check_claims requires exp
         self._cache.put(digest, Verified(identity, issuer, key, identity.expires_at + settings.leeway))
         return identity
@@ -119,7 +119,7 @@ class JwtVerifier:
             raise errors.UnknownKey()
         return key
 
-    def _identity(self, claims: dict[str, Any], issuer: IssuerKeys, kid: str | None) -> Identity:
+    def _identity(self, claims: dict[str, Any], issuer: IssuerKeys) -> Identity:
         settings = issuer.settings
         exp = float(claims["exp"])
         iat = float(claims["iat"]) if isinstance(claims.get("iat"), int | float) else None
@@ -140,7 +140,6 @@ class JwtVerifier:
             expires_at=exp,
             issued_at=iat,
             long_lived=settings.issuer == self._own_issuer or lifetime > settings.long_lived_after,
-            key_id=kid,
         )
 
 
@@ -200,7 +199,14 @@ def _peek(token: str) -> tuple[dict[str, Any], dict[str, Any], bytes]:
 
 def _json_segment(segment: str) -> Any:
     # UTF-8 only (RFC 7515 §5.2), decoded here: json.loads would first sniff bytes for UTF-16 and -32.
-    return json.loads(_b64decode(segment).decode("utf-8"))
+    text = _b64decode(segment).decode("utf-8")
+    # raw_decode skips json.loads' two whitespace regex passes (1.7 of its 3.9 µs on a claims set). Text it does not
+    # take whole (surrounding whitespace, which JSON allows, or garbage) goes to json.loads, which decides as before.
+    try:
+        value, end = _JSON.raw_decode(text)
+    except ValueError:
+        value, end = None, -1
+    return value if end == len(text) else json.loads(text)
 
 
 def _check_signature(token: str, signature: bytes, alg: str, key: VerificationKey) -> None:
@@ -238,11 +244,12 @@ def _check_claims(claims: dict[str, Any], issuer: str, audiences: tuple[str, ...
     aud = claims.get("aud")
     if not aud:
         raise errors.MissingClaim()
-    if isinstance(aud, str):
-        aud = [aud]
-    if not isinstance(aud, list) or not all(isinstance(value, str) for value in aud):
+    if isinstance(aud, str):  # the common case, without the two generators below (~1 µs)
+        if aud not in audiences:
+            raise errors.WrongAudience()
+    elif not isinstance(aud, list) or not all(isinstance(value, str) for value in aud):
         raise errors.WrongAudience()
-    if not any(value in aud for value in audiences):
+    elif not any(value in aud for value in audiences):
         raise errors.WrongAudience()
     for name in ("sub", "jti"):
         if name in claims and not isinstance(claims[name], str):
@@ -258,6 +265,7 @@ _MAX_HEADER_CHARS = 512
 _MAX_HEADER_MEMBERS = 16
 _TO_STANDARD = bytes.maketrans(b"-_", b"+/")
 _LAST_OF_3 = "AEIMQUYcgkosw048"  # the characters whose two low bits are zero
+_JSON = json.JSONDecoder()
 _ALGORITHMS = {name: jwt.get_algorithm_by_name(name) for name in jwt.algorithms.get_default_algorithms()}
 
 
