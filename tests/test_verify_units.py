@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -335,6 +336,22 @@ def test_a_json_segment_is_read_exactly_as_json_loads_reads_it(text: str) -> Non
     else:  # not JSON, or JSON but not a claims set
         with pytest.raises(NotMine):
             _peek(token)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [0, -1, 1796330371, 1796330371.5, 1e308, -1e308, 2**1024 - 2**970 - 1, -(2**1024 - 2**970) + 1,
+     2**1024 - 2**970, -(2**1024 - 2**970), 10**400, float("inf"), float("-inf"), float("nan"), True, False, None,
+     "1796330371", [1]],
+)  # fmt: skip
+def test_a_numeric_date_is_a_json_number_float_can_hold(value: Any) -> None:
+    """RFC 7519 §2: a NumericDate is a number; bool is not one, and an integer float() refuses (it rounds to 2**1024)
+    or an infinite or NaN float is malformed rather than a 500 later."""
+    try:
+        expected = type(value) in (int, float) and math.isfinite(float(value))
+    except OverflowError:
+        expected = False
+    assert jwt_local._is_numeric_date(value) is expected
 
 
 def test_parsed_headers_are_remembered_boundedly_and_give_the_same_answers() -> None:

@@ -17,8 +17,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import jwt
 
@@ -37,8 +36,7 @@ class NotMine(Exception):
         super().__init__(error.reason)
 
 
-@dataclass(frozen=True, slots=True)
-class Verified:
+class Verified(NamedTuple):  # immutable and cheap to build (see Identity), one per new token
     identity: Identity
     issuer: IssuerKeys
     key: VerificationKey  # the key that verified it: a hit is honoured only while the issuer still publishes it
@@ -266,6 +264,7 @@ _MAX_HEADER_MEMBERS = 16
 _TO_STANDARD = bytes.maketrans(b"-_", b"+/")
 _LAST_OF_3 = "AEIMQUYcgkosw048"  # the characters whose two low bits are zero
 _JSON = json.JSONDecoder()
+_FLOAT_OVERFLOW = 2**1024 - 2**970  # the smallest integer float() refuses (it would round to 2**1024)
 _ALGORITHMS = {name: jwt.get_algorithm_by_name(name) for name in jwt.algorithms.get_default_algorithms()}
 
 
@@ -284,12 +283,10 @@ def _b64decode(segment: str) -> bytes:
 
 
 def _is_numeric_date(value: Any) -> bool:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return False
-    try:
-        return math.isfinite(float(value))
-    except OverflowError:  # an integer beyond float range
-        return False
+    """A finite JSON number. type(), not isinstance: bool is an int subclass, and JSON yields no other subclass."""
+    if type(value) is int:
+        return -_FLOAT_OVERFLOW < value < _FLOAT_OVERFLOW
+    return type(value) is float and math.isfinite(value)
 
 
 def _typ_matches(typ: Any, required: str) -> bool:
