@@ -297,9 +297,33 @@ class AuthSettings(Model):
     max_token_bytes: int = Field(8192, ge=64, description="Longer tokens are refused before parsing.")
 
 
+HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te",
+     "trailer", "transfer-encoding", "upgrade"}
+)  # fmt: skip
+# Headers the gateway frames or sets itself on the way upstream: an identity header may not take their name.
+GATEWAY_SET_HEADERS = HOP_BY_HOP | {
+    "host", "content-length", "expect", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"
+}  # fmt: skip
+
+
+def _identity_header_names(headers: dict[str, str]) -> dict[str, str]:
+    seen: set[str] = set()
+    for name in headers:
+        lower = name.lower()
+        if lower in GATEWAY_SET_HEADERS:
+            raise ValueError(f"{name} is framing, hop-by-hop or set by the gateway itself; pick another header name")
+        if lower in seen:
+            raise ValueError(f"{name} appears twice (header names are case-insensitive)")
+        seen.add(lower)
+    return headers
+
+
 class ForwardSettings(Model):
-    identity_headers: dict[HeaderName, str] = Field(
-        default_factory=dict, description="Header -> claim; list claims are joined with spaces."
+    identity_headers: Annotated[dict[HeaderName, str], AfterValidator(_identity_header_names)] = Field(
+        default_factory=dict,
+        description="Header -> claim; list claims are joined with spaces. Not a framing, hop-by-hop or X-Forwarded-* "
+        "header, nor Host, and each name once (case-insensitively).",
     )
     remove_credential: bool = Field(True, description="Do not pass the token itself to the upstream.")
 

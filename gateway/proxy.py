@@ -18,21 +18,16 @@ from typing import Protocol
 from urllib.parse import unquote_plus
 
 import aiohttp
-from multidict import CIMultiDict
 from yarl import URL
 
 from gateway import errors
 from gateway import upstream as upstream_client
-from gateway.config import RouteSettings
+from gateway.config import HOP_BY_HOP, RouteSettings
 from gateway.identity import Identity
 from gateway.listener import Request, RequestView
 
 log = logging.getLogger(__name__)
 
-HOP_BY_HOP = frozenset(
-    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te",
-     "trailer", "transfer-encoding", "upgrade"}
-)  # fmt: skip
 _SMALL_BODY = 64 * 1024
 _NO_BODY_STATUSES = frozenset({204, 304})
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # all but HTAB (RFC 9110 §5.5)
@@ -108,11 +103,14 @@ class Upstream:
             query = "&".join(pair for pair in query.split("&") if _query_key(pair) != self.credential_name)
         return f"{self.base_path}{path}{'?' + query if query else ''}"
 
-    def headers(self, request: RequestView, identity: Identity | None) -> CIMultiDict[str]:
+    def headers(self, request: RequestView, identity: Identity | None) -> list[tuple[str, str]]:
+        """The request's headers as forwarded, in order. A list, not a CIMultiDict (which cost ~5 % of a request):
+        every name set here is one `removed` took out of the client's headers, and identity header names are
+        unique and never one of these (config checks both), so nothing needs replacing."""
         connection_named = {
             token.strip().lower() for value in request.headers.getall("Connection", ()) for token in value.split(",")
         }
-        out: CIMultiDict[str] = CIMultiDict()
+        out: list[tuple[str, str]] = []
         for name, value in request.headers.items():
             lower = name.lower()
             if lower in self.removed or lower in connection_named:
@@ -123,21 +121,21 @@ class Upstream:
                 value = _without_cookie(value, self.credential_name or "")
                 if not value:
                     continue
-            out.add(name, value)
+            out.append((name, value))
         if self.preserve_host and request.host:
-            out["Host"] = request.host
+            out.append(("Host", request.host))
         prior = ", ".join(request.headers.getall("X-Forwarded-For", ()))
         remote = request.remote or ""
-        out["X-Forwarded-For"] = f"{prior}, {remote}" if prior else remote
-        out["X-Forwarded-Proto"] = request.scheme
-        out["X-Forwarded-Host"] = request.host
+        out.append(("X-Forwarded-For", f"{prior}, {remote}" if prior else remote))
+        out.append(("X-Forwarded-Proto", request.scheme))
+        out.append(("X-Forwarded-Host", request.host))
         if identity is not None:
             for header, claim in self.identity_headers:
                 text = identity.claim_text(claim)
                 # A claim with control characters cannot be a header value (CR/LF would split it; NUL and the
                 # rest made the HTTP client raise: a 500 for a valid token). The header is left out instead.
                 if text is not None and not _CONTROL_CHARS.search(text):
-                    out[header] = text
+                    out.append((header, text))
         return out
 
 
@@ -203,17 +201,17 @@ async def _send(
     request: Request,
     pools: upstream_client.Pools,
     upstream: Upstream,
-    headers: CIMultiDict[str],
+    headers: list[tuple[str, str]],
     body: AsyncIterator[bytes] | None,
 ) -> tuple[_Answer, Callable[[], None]]:
     pool = pools.get(upstream.scheme, upstream.host, upstream.port)
     if not upstream.preserve_host:
-        headers["Host"] = upstream.netloc
-    chunked = body is not None and "Content-Length" not in headers
+        headers.append(("Host", upstream.netloc))
+    chunked = body is not None and not any(name.lower() == "content-length" for name, _ in headers)
     if chunked:
-        headers["Transfer-Encoding"] = "chunked"  # the client's own framing is hop-by-hop and was removed
+        headers.append(("Transfer-Encoding", "chunked"))  # the client's own framing is hop-by-hop and was removed
     head = upstream_client.encode_head(
-        request.method, upstream.target_path(request.raw_path, request.raw_query), headers.items()
+        request.method, upstream.target_path(request.raw_path, request.raw_query), headers
     )
     deadline = asyncio.get_running_loop().time() + upstream.timeout
     try:
@@ -238,7 +236,7 @@ async def _send_with_aiohttp(
     request: Request,
     session: aiohttp.ClientSession,
     upstream: Upstream,
-    headers: CIMultiDict[str],
+    headers: list[tuple[str, str]],
     body: AsyncIterator[bytes] | None,
 ) -> tuple[_Answer, Callable[[], None]]:
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=upstream.connect_timeout)

@@ -108,6 +108,28 @@ ERROR_CASES = [
         ('url: "http://127.0.0.1:9"', 'url: "http://127.0.0.1:9", websocket_max_message_bytes: 268435457'),
         "routes[0].upstream.websocket_max_message_bytes: Input should be less than or equal to 268435456",
     ),
+    # An identity header cannot frame the request, be hop-by-hop or stand in for what the gateway sets itself, and
+    # two spellings of one name would both be sent (forwarded headers are not de-duplicated).
+    *[
+        (
+            (
+                "    auth: {mode: jwt, issuers: [corp]}",
+                f"    auth: {{mode: jwt, issuers: [corp]}}\n    forward: {forward}",
+            ),
+            f"routes[0].forward.identity_headers: {message}",
+        )
+        for forward, message in [
+            ("{identity_headers: {Host: sub}}", "Host is framing, hop-by-hop or set by the gateway itself"),
+            ("{identity_headers: {content-length: sub}}", "content-length is framing"),
+            ("{identity_headers: {Transfer-Encoding: sub}}", "Transfer-Encoding is framing"),
+            ("{identity_headers: {X-Forwarded-For: sub}}", "X-Forwarded-For is framing"),
+            ("{identity_headers: {Connection: sub}}", "Connection is framing"),
+            (
+                "{identity_headers: {X-Sub: sub, x-sub: email}}",
+                "x-sub appears twice (header names are case-insensitive)",
+            ),
+        ]
+    ],
     (
         ("    auth: {mode: jwt, issuers: [corp]}", "    auth: {mode: none, required_scopes: [x]}"),
         "mode none checks no token",
