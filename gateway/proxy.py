@@ -22,7 +22,7 @@ from yarl import URL
 
 from gateway import errors
 from gateway import upstream as upstream_client
-from gateway.config import HOP_BY_HOP, RouteSettings
+from gateway.config import GATEWAY_SET_HEADERS, HOP_BY_HOP, RouteSettings
 from gateway.identity import Identity
 from gateway.listener import Request, RequestView
 
@@ -64,8 +64,10 @@ class Upstream:
         identity = tuple(route.forward.identity_headers.items())
         token = route.auth.token
         remove = route.forward.remove_credential and route.auth.mode != "none"
-        # expect: the gateway answers 100-continue itself (see forward()).
-        removed = set(HOP_BY_HOP) | {"host", "x-forwarded-proto", "x-forwarded-host", "expect"}
+        # Whatever the gateway frames or sets itself is taken out of the client's headers: one rule with the config's
+        # check on identity header names, so no name can be sent twice (headers() builds a list). The client's
+        # Content-Length stays: it frames the body forwarded as is. Expect: the gateway answers 100-continue itself.
+        removed = set(GATEWAY_SET_HEADERS - {"content-length"})
         removed |= {name.lower() for name, _ in identity} | identity_names
         if remove and token.source in ("authorization", "header"):
             removed.add("authorization" if token.source == "authorization" else (token.name or "").lower())
@@ -114,9 +116,7 @@ class Upstream:
         for name, value in request.headers.items():
             lower = name.lower()
             if lower in self.removed or lower in connection_named:
-                continue
-            if lower == "x-forwarded-for":
-                continue  # re-added below with this hop appended
+                continue  # X-Forwarded-For among them: re-added below with this hop appended
             if lower == "cookie" and self.credential_source == "cookie":
                 value = _without_cookie(value, self.credential_name or "")
                 if not value:
@@ -128,7 +128,8 @@ class Upstream:
         remote = request.remote or ""
         out.append(("X-Forwarded-For", f"{prior}, {remote}" if prior else remote))
         out.append(("X-Forwarded-Proto", request.scheme))
-        out.append(("X-Forwarded-Host", request.host))
+        if request.host:  # an HTTP/1.0 request may come without Host
+            out.append(("X-Forwarded-Host", request.host))
         if identity is not None:
             for header, claim in self.identity_headers:
                 text = identity.claim_text(claim)
@@ -205,7 +206,8 @@ async def _send(
     body: AsyncIterator[bytes] | None,
 ) -> tuple[_Answer, Callable[[], None]]:
     pool = pools.get(upstream.scheme, upstream.host, upstream.port)
-    if not upstream.preserve_host:
+    # `headers` is this request's own list, sent once: Host and framing are added to it here.
+    if not (upstream.preserve_host and request.host):  # without a Host of the client's, the upstream's own
         headers.append(("Host", upstream.netloc))
     chunked = body is not None and not any(name.lower() == "content-length" for name, _ in headers)
     if chunked:

@@ -124,6 +124,12 @@ ERROR_CASES = [
             ("{identity_headers: {Transfer-Encoding: sub}}", "Transfer-Encoding is framing"),
             ("{identity_headers: {X-Forwarded-For: sub}}", "X-Forwarded-For is framing"),
             ("{identity_headers: {Connection: sub}}", "Connection is framing"),
+            ("{identity_headers: {HOST: sub}}", "HOST is framing"),
+            ("{identity_headers: {Expect: sub}}", "Expect is framing"),
+            ("{identity_headers: {X-Forwarded-Proto: sub}}", "X-Forwarded-Proto is framing"),
+            ("{identity_headers: {x-forwarded-host: sub}}", "x-forwarded-host is framing"),
+            ("{identity_headers: {Keep-Alive: sub}}", "Keep-Alive is framing"),
+            ("{identity_headers: {Upgrade: sub}}", "Upgrade is framing"),
             (
                 "{identity_headers: {X-Sub: sub, x-sub: email}}",
                 "x-sub appears twice (header names are case-insensitive)",

@@ -337,6 +337,41 @@ async def test_preserve_host(gw: RunningGateway, rich_upstream: RichUpstream, ht
     assert values(rich_upstream.requests[-1]["header_list"], "Host") == [upstream_host]
 
 
+async def test_each_header_the_gateway_sets_reaches_the_upstream_once(
+    gw: RunningGateway, rich_upstream: RichUpstream
+) -> None:
+    """Forwarded headers are a list, not a dict that would replace: a client-sent copy of anything the gateway sets
+    (in any spelling) must be gone, and the gateway's own appear exactly once, with a chunked body intact."""
+    status, _, _ = await raw_http_request(
+        gw.ports.proxy_port,
+        "POST /kept-host/echo HTTP/1.1\r\nHost: public.example\r\nx-forwarded-for: 10.0.0.1\r\n"
+        "X-FORWARDED-PROTO: ftp\r\nx-forwarded-host: evil.example\r\nTransfer-Encoding: chunked\r\n",
+        b"5\r\nhello\r\n0\r\n\r\n",
+    )
+    assert status == 200
+    seen = rich_upstream.requests[-1]
+    header_list = seen["header_list"]
+    assert values(header_list, "Host") == ["public.example"]
+    assert values(header_list, "X-Forwarded-For") == ["10.0.0.1, 127.0.0.1"]
+    assert values(header_list, "X-Forwarded-Proto") == ["http"]
+    assert values(header_list, "X-Forwarded-Host") == ["public.example"]
+    assert values(header_list, "Transfer-Encoding") == ["chunked"]
+    assert values(header_list, "Content-Length") == []
+    assert seen["body"] == b"hello"
+
+
+async def test_preserve_host_without_a_client_host_sends_the_upstreams_own(
+    gw: RunningGateway, rich_upstream: RichUpstream
+) -> None:
+    """HTTP/1.0 allows a request without Host: a preserve_host route then names the upstream rather than sending an
+    HTTP/1.1 request with no Host at all (which a strict upstream refuses), and sets no empty X-Forwarded-Host."""
+    status, _, _ = await raw_http_request(gw.ports.proxy_port, "GET /kept-host/x HTTP/1.0\r\n")
+    assert status == 200
+    header_list = rich_upstream.requests[-1]["header_list"]
+    assert values(header_list, "Host") == [URL(rich_upstream.url).raw_authority]
+    assert values(header_list, "X-Forwarded-Host") == []
+
+
 # --- bodies, statuses, response headers --------------------------------------------------------------------------
 
 
