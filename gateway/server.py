@@ -66,6 +66,12 @@ class Server:
     async def start(self) -> Listening:
         if not self.settings.store.redis_url:
             log.warning("no store.redis_url: using the in-process memory store, which serves this one instance only")
+        for network in self.settings.listen.trusted_proxies:
+            if network.prefixlen == 0:  # legal, but every client can then name the address logged for it
+                log.warning(
+                    "listen.trusted_proxies trusts every address: any client's X-Forwarded-For is believed",
+                    extra={"range": str(network)},
+                )
         runtime = Runtime.create(self.settings, self.metrics, new_session())
         self.runtime = runtime
         self._mirror_task = asyncio.create_task(runtime.mirror.run(), name="revocation-mirror")

@@ -106,3 +106,29 @@ routes:
     assert client_address("::ffff:10.0.0.9", ["203.0.113.7"], trusted) == "203.0.113.7"
     assert client_address("192.0.2.7", ["203.0.113.7"], trusted) == "203.0.113.7"
     assert client_address("192.0.2.8", ["203.0.113.7"], trusted) == "192.0.2.8"
+
+
+@pytest.mark.parametrize(
+    ("trusted", "warned"),
+    [('["0.0.0.0/0", "10.0.0.0/8"]', ["0.0.0.0/0"]), ('["::ffff:0:0/96"]', ["0.0.0.0/0"]), ('["::/0"]', ["::/0"]),
+     ('["10.0.0.0/8", "2001:db8::/32"]', [])],
+)  # fmt: skip
+async def test_a_range_that_trusts_every_address_is_warned_of_at_start(
+    trusted: str, warned: list[str], rich_upstream: RichUpstream, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Trusting every address is allowed (a gateway only reachable through its load balancer), but then any client
+    chooses the address logged and recorded for it: the operator is told so, once per such range."""
+    caplog.set_level(logging.WARNING, logger="gateway.server")
+    config = f"""
+listen: {{host: 127.0.0.1, port: 0, trusted_proxies: {trusted}}}
+admin: {{host: 127.0.0.1, port: 0}}
+routes:
+  - name: open
+    match: {{path_prefix: /}}
+    upstream: {{url: "{rich_upstream.url}"}}
+    auth: {{mode: none}}
+"""
+    async for _ in start_gateway(config, tmp_path):
+        pass
+    ranges = [getattr(r, "range", None) for r in caplog.records if "trusts every address" in r.getMessage()]
+    assert ranges == warned
