@@ -17,7 +17,6 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
 
 from gateway import bearer, errors, proxy, websocket
 from gateway import upstream as upstream_client
@@ -276,7 +275,7 @@ class Handler:
                 raise errors.InvalidRequest("not a WebSocket handshake")
             upstream = route.upstream
             target = upstream.target(request.rel_url.raw_path, request.rel_url.raw_query_string)
-            headers = CIMultiDict(upstream.headers(request, identity))
+            headers = upstream.headers(request, identity)
             answers.append(await websocket.relay(request, self.runtime.session, upstream, target, headers))
             return answers[-1].status
 

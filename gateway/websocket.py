@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict, MultiMapping
+from multidict import MultiMapping
 from yarl import URL
 
 from gateway import errors
@@ -20,7 +20,9 @@ if TYPE_CHECKING:  # proxy imports the listener, which imports this module
 
 log = logging.getLogger(__name__)
 
-_WS_HANDSHAKE = frozenset({"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions"})
+_WS_HANDSHAKE = frozenset(
+    {"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions", "sec-websocket-protocol"}
+)
 _WS_CLOSE_TIMEOUT = 10.0  # once one side closed, how long the other may take to finish its close
 
 
@@ -39,7 +41,7 @@ async def relay(
     session: aiohttp.ClientSession,
     upstream: Upstream,
     url: URL,
-    headers: CIMultiDict[str],
+    headers: list[tuple[str, str]],
 ) -> web.StreamResponse:
     """Relay one WebSocket between the client and `url`; the handshake must complete within the upstream's timeout."""
     protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
@@ -47,9 +49,8 @@ async def relay(
         # Checked before connecting upstream: a handshake we cannot complete towards the client (bad key, version,
         # method) used to open an upstream WebSocket, leak it, and answer 500.
         raise errors.InvalidRequest("not a valid WebSocket handshake")
-    for name in list(headers):
-        if name.lower() in _WS_HANDSHAKE or name.lower() == "sec-websocket-protocol":
-            headers.popall(name, None)
+    # The client's handshake headers are not passed on: aiohttp makes the upstream handshake with its own.
+    headers = [(name, value) for name, value in headers if name.lower() not in _WS_HANDSHAKE]
     try:
         async with asyncio.timeout(upstream.timeout):
             upstream_ws = await session.ws_connect(

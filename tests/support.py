@@ -195,6 +195,21 @@ class RunningGateway:
         return 0.0 if value is None else value
 
 
+def open_route_config(upstream_url: str, listen: str = "", extra: str = "") -> str:
+    """YAML for a gateway on free ports with one `auth: none` route to `upstream_url`; `listen`: more listen
+    settings (`key: value, ...`), `extra`: more top-level YAML."""
+    return f"""
+listen: {{host: 127.0.0.1, port: 0{", " + listen if listen else ""}}}
+admin: {{host: 127.0.0.1, port: 0}}
+{extra}
+routes:
+  - name: open
+    match: {{path_prefix: /}}
+    upstream: {{url: "{upstream_url}"}}
+    auth: {{mode: none}}
+"""
+
+
 async def start_gateway(config: str, tmp_path: Path) -> AsyncIterator[RunningGateway]:
     """Start a gateway in this process from YAML text (listen/admin default to free ports on 127.0.0.1)."""
     path = tmp_path / f"gateway-{uuid.uuid4().hex[:8]}.yaml"

@@ -11,7 +11,7 @@ import pytest
 
 from gateway import configfile
 from gateway.forwarded import MAX_HOPS, client_address
-from tests.support import RichUpstream, start_gateway
+from tests.support import RichUpstream, open_route_config, start_gateway
 
 LB = [ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2001:db8::/32")]
 
@@ -62,16 +62,7 @@ async def test_the_access_log_names_the_client_behind_a_trusted_proxy(
     trusted: str, client: str, rich_upstream: RichUpstream, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="gateway.access")
-    config = f"""
-listen: {{host: 127.0.0.1, port: 0, trusted_proxies: {trusted}}}
-admin: {{host: 127.0.0.1, port: 0}}
-log: {{access: true}}
-routes:
-  - name: open
-    match: {{path_prefix: /}}
-    upstream: {{url: "{rich_upstream.url}"}}
-    auth: {{mode: none}}
-"""
+    config = open_route_config(rich_upstream.url, f"trusted_proxies: {trusted}", "log: {access: true}")
     sent = {"X-Forwarded-For": "198.51.100.1, 203.0.113.7"}
     async for gw in start_gateway(config, tmp_path):
         async with aiohttp.ClientSession() as http, http.get(f"{gw.url}/who", headers=sent) as resp:
@@ -119,15 +110,7 @@ async def test_a_range_that_trusts_every_address_is_warned_of_at_start(
     """Trusting every address is allowed (a gateway only reachable through its load balancer), but then any client
     chooses the address logged and recorded for it: the operator is told so, once per such range."""
     caplog.set_level(logging.WARNING, logger="gateway.server")
-    config = f"""
-listen: {{host: 127.0.0.1, port: 0, trusted_proxies: {trusted}}}
-admin: {{host: 127.0.0.1, port: 0}}
-routes:
-  - name: open
-    match: {{path_prefix: /}}
-    upstream: {{url: "{rich_upstream.url}"}}
-    auth: {{mode: none}}
-"""
+    config = open_route_config(rich_upstream.url, f"trusted_proxies: {trusted}")
     async for _ in start_gateway(config, tmp_path):
         pass
     ranges = [getattr(r, "range", None) for r in caplog.records if "trusts every address" in r.getMessage()]

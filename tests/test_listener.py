@@ -22,6 +22,7 @@ from tests.support import (
     IdP,
     RichUpstream,
     RunningGateway,
+    open_route_config,
     read_answer,
     start_gateway,
 )
@@ -325,15 +326,7 @@ async def test_a_client_that_stops_reading_is_cut_off_after_send_timeout(
     """A client that asks for a long answer and reads none of it would hold its task and upstream connection for
     ever: once the answer has waited send_timeout for the socket to drain, the connection is aborted, and with it
     the upstream request."""
-    config = f"""
-listen: {{host: 127.0.0.1, port: 0, send_timeout: 300ms}}
-admin: {{host: 127.0.0.1, port: 0}}
-routes:
-  - name: open
-    match: {{path_prefix: /}}
-    upstream: {{url: "{rich_upstream.url}"}}
-    auth: {{mode: none}}
-"""
+    config = open_route_config(rich_upstream.url, "send_timeout: 300ms")
     async for gw in start_gateway(config, tmp_path):
         async with connection(gw) as (reader, writer):
             writer.write(b"GET /stream/512 HTTP/1.1\r\nHost: x\r\n\r\n")
