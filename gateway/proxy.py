@@ -245,7 +245,8 @@ async def _send_with_aiohttp(
     try:
         async with asyncio.timeout(upstream.timeout):
             answer = await session.request(
-                request.method, upstream.target(request.raw_path, request.raw_query), headers=headers,
+                request.method, upstream.target(request.raw_path, request.raw_query),
+                headers=upstream_client.one_spelling_each(headers),
                 data=body, allow_redirects=False, timeout=timeout, skip_auto_headers=_SKIP_AUTO,
             )  # fmt: skip
     except aiohttp.ClientError as exc:

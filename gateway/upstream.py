@@ -3,7 +3,8 @@
 Why not aiohttp's client here: on this path it cost ~200 µs of CPU per request (request/response objects,
 timers, header normalisation), four times the whole aiohttp server side. This client does one write for a
 bodyless request and parses with llhttp, the parser uvicorn and node use. aiohttp's client still serves what
-this one leaves out: HEAD (llhttp cannot be told a response has no body), `Expect`, and WebSocket upgrades.
+this one leaves out: HEAD (llhttp cannot be told a response has no body) and WebSocket upgrades
+(`one_spelling_each` prepares headers for it).
 
 Flow control both ways: request bodies wait for the upstream socket to drain; response bodies pause reading
 from the upstream while more than BUFFER_LIMIT bytes wait for the client.
@@ -319,6 +320,13 @@ async def request(
     except BaseException:
         connection.close()
         raise
+
+
+def one_spelling_each(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The headers with every repeat of a name spelt as its first occurrence, for aiohttp's client: its header merge
+    keys on the spelling, so `x-a: 1` then `X-A: 2` reached the upstream as `X-A: 2` alone."""
+    first: dict[str, str] = {}
+    return [(first.setdefault(name.lower(), name), value) for name, value in headers]
 
 
 def encode_head(method: str, target: str, headers: Iterable[tuple[str, str]], version: str = "1.1") -> bytes:

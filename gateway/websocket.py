@@ -14,6 +14,7 @@ from multidict import MultiMapping
 from yarl import URL
 
 from gateway import errors
+from gateway.upstream import one_spelling_each
 
 if TYPE_CHECKING:  # proxy imports the listener, which imports this module
     from gateway.proxy import Upstream
@@ -50,7 +51,7 @@ async def relay(
         # method) used to open an upstream WebSocket, leak it, and answer 500.
         raise errors.InvalidRequest("not a valid WebSocket handshake")
     # The client's handshake headers are not passed on: aiohttp makes the upstream handshake with its own.
-    headers = [(name, value) for name, value in headers if name.lower() not in _WS_HANDSHAKE]
+    headers = one_spelling_each([(name, value) for name, value in headers if name.lower() not in _WS_HANDSHAKE])
     try:
         async with asyncio.timeout(upstream.timeout):
             upstream_ws = await session.ws_connect(

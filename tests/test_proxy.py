@@ -372,6 +372,20 @@ async def test_preserve_host_without_a_client_host_sends_the_upstreams_own(
     assert values(header_list, "X-Forwarded-Host") == []
 
 
+@pytest.mark.parametrize("method", ["GET", "HEAD", "DELETE"])
+async def test_repeated_header_in_several_spellings_reaches_the_upstream_whole(
+    gw: RunningGateway, rich_upstream: RichUpstream, method: str
+) -> None:
+    """Nothing a client sends is lost on the way: a header repeated under two spellings keeps both values, in order,
+    on the lean client (GET, DELETE) and on aiohttp's (HEAD), whose header merge kept only the last spelling."""
+    status, _, _ = await raw_http_request(
+        gw.ports.proxy_port, f"{method} /echo HTTP/1.1\r\nHost: x\r\nx-multi: a\r\nX-Multi: b\r\nX-MULTI: c\r\n"
+    )
+    assert status == 200
+    assert rich_upstream.requests[-1]["method"] == method
+    assert values(rich_upstream.requests[-1]["header_list"], "X-Multi") == ["a", "b", "c"]
+
+
 # --- bodies, statuses, response headers --------------------------------------------------------------------------
 
 

@@ -220,6 +220,21 @@ async def test_websocket_through_gateway(
     assert gw.metric("gateway_auth_decisions_total", route="ws", outcome="allow", reason="ok") == 1
 
 
+async def test_websocket_handshake_keeps_a_header_repeated_in_several_spellings(
+    gw: RunningGateway, rich_upstream: RichUpstream, rsa_key: Key
+) -> None:
+    """aiohttp's client makes the upstream handshake, and its header merge kept only the last spelling of a name."""
+    status, _, _ = await raw_http_request(
+        gw.ports.proxy_port,
+        f"GET /ws HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {rsa_key.sign()}\r\nConnection: Upgrade\r\n"
+        "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "x-multi: a\r\nX-Multi: b\r\n",
+    )
+    assert status == 101
+    handshake = rich_upstream.requests[-1]["header_list"]
+    assert [v.decode() for k, v in handshake if k.lower() == b"x-multi"] == ["a", "b"]
+
+
 async def test_a_websocket_message_over_the_limit_closes_its_sender_with_1009_and_the_other_side_too(
     gw: RunningGateway,
     rich_upstream: RichUpstream,
