@@ -51,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     run.set_defaults(command=_run)
 
     check = commands.add_parser("check-config", help="validate a config file without starting")
-    check.add_argument("file")
+    check.add_argument("file", nargs="?", help="the config file (or --config, as for run)")
+    _config_arg(check)
     check.set_defaults(command=_check_config)
 
     demo = commands.add_parser("demo", help="run a self-contained demo (own issuer, demo upstream, demo token)")
@@ -142,15 +143,16 @@ def _run(args: argparse.Namespace) -> int:
 def _check_config(args: argparse.Namespace) -> int:
     from gateway.checks import compile_check
 
-    settings = _load(args.file)
+    path = args.file or args.config  # the file `gateway run` would read, unless named
+    settings = _load(path)
     if settings is None:
         return 1
     problem = compile_check(settings)
     if problem:
-        print(f"{args.file}: {problem}", file=sys.stderr)
+        print(f"{path}: {problem}", file=sys.stderr)
         return 1
     print(
-        f"{args.file}: OK — {len(settings.routes)} routes, {len(settings.issuers)} issuers, "
+        f"{path}: OK — {len(settings.routes)} routes, {len(settings.issuers)} issuers, "
         f"{len(settings.introspection)} introspection endpoints, store: "
         f"{'redis' if settings.store.redis_url else 'in-process memory'}"
     )

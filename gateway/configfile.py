@@ -62,7 +62,7 @@ def loads(
     try:
         settings = Settings.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(source, [_describe(err) for err in exc.errors()]) from None
+        raise ConfigError(source, [_describe(err) for err in _causes(exc.errors())]) from None
     problems = list(cross_reference_problems(settings))
     if problems:
         raise ConfigError(source, problems)
@@ -107,6 +107,16 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
+def _causes(errors: list[Any]) -> list[Any]:
+    """The errors less a list's "too short" when its items failed: pydantic counts only the items that validated,
+    so one broken route in `routes` also reported "routes: Tuple should have at least 1 item"."""
+
+    def inside(outer: tuple[Any, ...], error: Any) -> bool:
+        return len(error["loc"]) > len(outer) and error["loc"][: len(outer)] == outer
+
+    return [e for e in errors if not (e["type"] == "too_short" and any(inside(e["loc"], o) for o in errors))]
+
+
 def _describe(error: Any) -> str:
     path = ""
     for part in error["loc"]:
@@ -119,6 +129,9 @@ def _describe(error: Any) -> str:
         message = "unknown field (check the spelling)"
     elif error["type"] == "missing":
         message = "required field is missing"
+    elif error["type"] == "too_short":  # pydantic says "Tuple should have at least 1 item after validation, not 0"
+        least = error["ctx"]["min_length"]
+        message = f"needs at least {least} {'entry' if least == 1 else 'entries'}"
     return f"{path or '(top level)'}: {message}"
 
 

@@ -96,7 +96,7 @@ ERROR_CASES = [
     (("auth: {mode: jwt, issuers: [corp]}", "auth: {mode: jwt}"), "routes[0].auth.issuers: mode jwt needs"),
     (("auth: {mode: jwt, issuers: [corp]}", "auth: {mode: introspect}"), "needs an introspection endpoint"),
     (("jwks_uri: https://idp.test/jwks", "jwks_uri: ${MISSING_VAR}"), "issuers[0].jwks_uri: environment variable"),
-    (("audiences: [api]", "audiences: []"), "issuers[0].audiences: Tuple should have at least 1"),
+    (("audiences: [api]", "audiences: []"), "issuers[0].audiences: needs at least 1 entry"),
     (("issuers:\n", "listen: {idle_timeout: 0s}\nissuers:\n"), "listen.idle_timeout: Input should be greater than 0"),
     (("issuers:\n", "listen: {send_timeout: 0s}\nissuers:\n"), "listen.send_timeout: Input should be greater than 0"),
     # A WebSocket message is held whole: "no limit" would let one frame claim all of the gateway's memory.
@@ -150,6 +150,17 @@ def test_errors_name_the_path_and_what_was_expected(change: tuple[str, str], exp
         configfile.loads(text, source="gw.yaml", env={})
     assert any(expected in problem for problem in caught.value.problems), caught.value.problems
     assert str(caught.value).startswith("gw.yaml: ")
+
+
+def test_a_broken_route_is_reported_once_and_no_routes_still_is() -> None:
+    """The only route failing is one problem, not also "routes: ... at least 1 item" (pydantic counts only the items
+    that validated); a config with no route at all is still told it needs one."""
+    with pytest.raises(configfile.ConfigError) as caught:
+        configfile.loads(MINIMAL.replace("auth: {mode: jwt", "auth: {mode: jwt, scopes: 5"), env={})
+    assert caught.value.problems == ["routes[0].auth.scopes: unknown field (check the spelling)"]
+    with pytest.raises(configfile.ConfigError) as caught:
+        configfile.loads(MINIMAL.split("routes:")[0] + "routes: []\n", env={})
+    assert caught.value.problems == ["routes: needs at least 1 entry"]
 
 
 def test_duplicate_names_and_reserved_issuer_name(tmp_path: Path) -> None:

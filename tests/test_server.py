@@ -51,10 +51,15 @@ routes:
 """
 
 
-async def test_check_config_good_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize("named_by", ["argument", "--config", "-c", "GATEWAY_CONFIG"])
+async def test_check_config_good_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, named_by: str) -> None:
+    """check-config reads the file given, or the one `gateway run` would (--config, -c, GATEWAY_CONFIG)."""
     path = tmp_path / "good.yaml"
     path.write_text(GOOD)
-    code, out, err = await run_cli("check-config", str(path))
+    if named_by == "GATEWAY_CONFIG":
+        monkeypatch.setenv("GATEWAY_CONFIG", str(path))
+    args = {"argument": [str(path)], "--config": ["--config", str(path)], "-c": ["-c", str(path)]}.get(named_by, [])
+    code, out, err = await run_cli("check-config", *args)
     assert code == 0, err
     lines = out.splitlines()
     assert len(lines) == 1
