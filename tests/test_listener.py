@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -338,6 +339,38 @@ async def test_a_client_that_stops_reading_is_cut_off_after_send_timeout(
                     while chunk := await reader.read(1 << 20):  # what was already in flight, then the end
                         received += len(chunk)
             assert 0 < received < 512 * len(STREAM_CHUNK)
+
+
+async def test_a_slow_reader_that_keeps_taking_some_gets_the_whole_answer(
+    rich_upstream: RichUpstream, tmp_path: Path
+) -> None:
+    """send_timeout cuts off a client that takes nothing for that long, not one that reads slowly: each time the
+    stall watch fires and finds some of the answer taken, it starts again. The client takes at most 32 KiB off its
+    socket every 20 ms (the pace is what is under test, hence the sleeps) through a 32 KiB receive buffer: writing
+    stays paused for longer than send_timeout while the kernel's send queue drains. Counting only the transport's
+    buffer, the gateway took this client for one that had stopped and cut it off."""
+    config = open_route_config(rich_upstream.url, "send_timeout: 300ms")
+    mib = 4
+    loop = asyncio.get_running_loop()
+    answer = bytearray()
+    async for gw in start_gateway(config, tmp_path):
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)  # before connecting: no autotuning
+            sock.setblocking(False)
+            await loop.sock_connect(sock, ("127.0.0.1", gw.ports.proxy_port))
+            await loop.sock_sendall(sock, b"GET /stream/%d HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % mib)
+            async with asyncio.timeout(60):
+                # Straight off the socket: a StreamReader would take megabytes at once, then nothing for a while.
+                while chunk := await loop.sock_recv(sock, 32 * 1024):
+                    answer += chunk
+                    await asyncio.sleep(0.02)
+    received = asyncio.StreamReader()
+    received.feed_data(bytes(answer))
+    received.feed_eof()
+    status, headers, body = await read_answer(received)
+    assert (status, headers["transfer-encoding"]) == (200, "chunked")
+    assert body == STREAM_CHUNK * mib
+    assert not rich_upstream.stream_cut.is_set()
 
 
 async def test_a_websocket_handed_over_while_the_socket_is_full_is_not_taken_for_a_stalled_client(
