@@ -366,7 +366,8 @@ class Connection(asyncio.Protocol):
         self._holds: set[str] = set()
         self._writable: asyncio.Future[None] | None = None
         self._stalled_timer: asyncio.TimerHandle | None = None
-        self._stall_unsent = 0  # bytes not yet taken by the client when the stall watch began
+        self._written = 0  # bytes handed to the transport, ever
+        self._stall_taken = 0  # bytes the client had taken when the stall watch began
         self._fd = -1
         self._upgrade: bytes | None = None  # a WebSocket head waiting for the answers before it
         self._broken = False  # the parser failed: nothing more is read
@@ -438,7 +439,7 @@ class Connection(asyncio.Protocol):
 
     def _watch_stall(self) -> None:
         assert self.transport is not None  # noqa: S101 - called while connected
-        self._stall_unsent = self._unsent()
+        self._stall_taken = self._taken()
         self._stalled_timer = self.listener.loop.call_later(self.listener.send_timeout, self._stalled)
 
     def _stalled(self) -> None:
@@ -449,18 +450,19 @@ class Connection(asyncio.Protocol):
         transport = self.transport
         if transport is None or self.lost or transport.get_protocol() is not self:
             return
-        if self._unsent() < self._stall_unsent:
+        if self._taken() > self._stall_taken:
             self._watch_stall()
             return
         log.info("closing a connection whose client stopped reading", extra={"client": self.remote})
         transport.abort()
 
-    def _unsent(self) -> int:
-        """Bytes of answers the client has not taken yet: the transport's buffer and the kernel's send queue. The
-        kernel's alone can hold megabytes, and a reader draining it moves the transport's buffer only once a third
-        of it is free: counting the buffer alone took a client reading 3 MB/s for one that had stopped."""
+    def _taken(self) -> int:
+        """Bytes the client has taken: all written less what waits in the transport's buffer and the kernel's send
+        queue. The kernel's queue alone can hold megabytes, and a reader draining it moves the transport's buffer
+        only once a third of it is free: counting the buffer alone took a client reading 3 MB/s for one that had
+        stopped. Counting what was taken, not what waits, also sees progress while more answers are queued."""
         assert self.transport is not None  # noqa: S101 - called while connected
-        return self.transport.get_write_buffer_size() + _kernel_send_queue(self._fd)
+        return self._written - self.transport.get_write_buffer_size() - _kernel_send_queue(self._fd)
 
     # --- httptools callbacks ----------------------------------------------------------------------------------
     def on_message_begin(self) -> None:
@@ -632,6 +634,7 @@ class Connection(asyncio.Protocol):
     # --- used by Request and Body ----------------------------------------------------------------------------
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.lost:
+            self._written += len(data)
             self.transport.write(data)
 
     async def drained(self) -> None:
