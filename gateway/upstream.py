@@ -68,6 +68,7 @@ class Connection(asyncio.Protocol):
         self._error: BaseException | None = None
         self._keep_alive = False
         self.closed = False
+        self._keep_alive_vetoed = False  # a request body was cut short: the connection cannot take another request
         self.done = False  # the whole response was read (the connection went back to the pool, or closed)
 
     # asyncio.Protocol
@@ -79,19 +80,33 @@ class Connection(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
+        if self._headers_ready is None:
+            # Nothing asked (idle in the pool, or not yet used): what comes is no answer of ours, and kept it would
+            # be read as the start of the next request's answer, another client's.
+            self.close()
+            return
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self._fail(UpstreamFailed(f"invalid HTTP from the upstream: {exc}"))
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            if self._body_done:
+                # The answer was whole before what failed (bytes past its end, a second answer): nginx's "upstream
+                # sent more data than specified". The answer stands; the connection, out of step, is dropped.
+                self._keep_alive = False
+            else:  # a callback's own error comes wrapped, the original as its context
+                cause = exc.__context__ if isinstance(exc, httptools.HttpParserCallbackError) else None
+                self._fail(cause if isinstance(cause, UpstreamFailed) else UpstreamFailed(f"invalid HTTP: {exc}"))
             self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         response = self.response
-        if response is not None and response.content_length is None and not response.chunked:
+        if self._body_done:
+            pass  # the answer was whole
+        elif exc is None and response is not None and response.status >= 200 and response.content_length is None \
+                and not response.chunked:  # fmt: skip
             self._body_done = True  # no length and not chunked: the body ends with the connection (RFC 9112 §6.3)
             self._wake_body()
-        else:
+        else:  # closed or reset before the answer's head, or its framed end, was in
             self._fail(UpstreamFailed("the upstream closed the connection"))
         if self._writable is not None and not self._writable.done():
             self._writable.set_exception(UpstreamFailed("the upstream closed the connection"))
@@ -106,6 +121,8 @@ class Connection(asyncio.Protocol):
 
     # httptools callbacks
     def on_message_begin(self) -> None:
+        if self._body_done:  # a second answer to one request: never relayed as part of the first, nor kept
+            raise UpstreamFailed("the upstream sent more than one answer")
         self.response = Response(self)
 
     def on_status(self, status: bytes) -> None:
@@ -114,13 +131,18 @@ class Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         assert self.response is not None  # noqa: S101
+        if self.response.status:
+            return  # a trailer field, after the body: not merged into the header section (RFC 9110 §6.5.1)
         # As aiohttp's own parser decodes them, so the bytes pass through the server side unchanged.
         text = value.decode("utf-8", "surrogateescape")
         if len(name) in (14, 17):  # only then can it be Content-Length or Transfer-Encoding
             lower = name.lower()
             if lower == b"content-length" and text.isdigit():
                 self.response.content_length = int(text)
-            elif lower == b"transfer-encoding" and "chunked" in text.lower():
+            elif lower == b"transfer-encoding":
+                if text.strip().lower() != "chunked":
+                    # Another coding (gzip, chunked) could not be passed on: the gateway re-frames the body itself.
+                    raise UpstreamFailed(f"unsupported transfer coding {text!r}")
                 self.response.chunked = True
         self.response.headers.append((name.decode("utf-8", "surrogateescape"), text))
 
@@ -160,13 +182,19 @@ class Connection(asyncio.Protocol):
         self.transport.write(head)
         if body is not None:
             async for chunk in body:
+                if self._headers_ready.done() or self.transport.is_closing():
+                    # The upstream answered early (413, 401...) or went away: stop sending, relay what it said. The
+                    # request is half sent, so the connection is not reused.
+                    self._keep_alive_vetoed = True
+                    break
                 if not chunk:
                     continue
                 self.transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
                 if self._writable is not None:
                     await self._writable
-            if chunked:
-                self.transport.write(b"0\r\n\r\n")
+            else:
+                if chunked and not self.transport.is_closing():
+                    self.transport.write(b"0\r\n\r\n")
         if deadline is None:
             return await self._headers_ready
         timer = loop.call_at(deadline, self._time_out)
@@ -207,7 +235,7 @@ class Connection(asyncio.Protocol):
     def _finish(self) -> None:
         """The whole response was read: back to the pool if both sides allow keep-alive."""
         self.done = True
-        if self._keep_alive and not self.closed:
+        if self._keep_alive and not self._keep_alive_vetoed and not self.closed:
             self.response = None
             self._body_done = False
             self._headers_ready = None
@@ -289,6 +317,10 @@ class Pool:
             self._idle.pop().close()
 
 
+# RFC 9110 §9.2.2
+_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+
+
 async def request(
     pool: Pool,
     head: bytes,
@@ -306,8 +338,9 @@ async def request(
             return connection, await connection.send(head, body, chunked, deadline)
         except UpstreamFailed:
             connection.close()
-            # A kept-alive connection the upstream had just closed: safe to retry only if no body was sent.
-            if body is not None:
+            # A kept-alive connection the upstream had just closed: retried only without a body and for an idempotent
+            # method, as the upstream may have acted on it before closing (RFC 9112 §9.3.1; nginx does the same).
+            if body is not None or head.partition(b" ")[0] not in _IDEMPOTENT:
                 raise
         except BaseException:  # the client's body broke off, or the client went away: a half-sent request
             connection.close()

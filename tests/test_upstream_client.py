@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -218,4 +220,190 @@ async def test_an_answer_before_the_deadline_cancels_the_timer() -> None:
         assert not connection.closed
         connection2, response = await upstream.request(pool, head(), None, False, 2, deadline=loop.time() + 1)
         assert connection2 is connection and (response.status, await response.read()) == (200, b"ok")
+        pool.close()
+
+
+# --- answers out of step, early ends, trailers -------------------------------------------------------------------
+
+
+async def test_bytes_past_an_answer_are_dropped_with_the_connection() -> None:
+    """A second answer in the same packet is neither added to the first nor left for the next request (another
+    client's): the first answer stands as framed, and the connection is not reused."""
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhelloHTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\nPOISON!"
+        )
+        await reader.read()  # until the client hangs up
+
+    async with RawServer(script) as server:
+        pool = upstream.Pool("127.0.0.1", server.port, None)
+        assert await fetch(pool) == (200, b"hello")
+        assert await fetch(pool) == (200, b"hello")
+        assert server.connections == 2
+        pool.close()
+
+
+async def test_bytes_arriving_on_an_idle_pooled_connection_close_it() -> None:
+    answered, dropped = asyncio.Event(), asyncio.Event()
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+        await answered.wait()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\nPOISON!")  # unasked, while the connection idles
+        if not await reader.read():  # the client hangs up
+            dropped.set()
+
+    async with RawServer(script) as server:
+        pool = upstream.Pool("127.0.0.1", server.port, None)
+        connection, response = await upstream.request(pool, head(), None, False, 2)
+        assert await response.read() == b"hello"
+        answered.set()
+        async with asyncio.timeout(5):
+            await dropped.wait()  # the unasked bytes arrived, and the pooled connection was dropped
+        assert connection.closed
+        assert await fetch(pool) == (200, b"hello")
+        assert server.connections == 2
+        pool.close()
+
+
+@pytest.mark.parametrize(("method", "retried"), [("GET", True), ("DELETE", True), ("POST", False), ("PATCH", False)])
+async def test_only_an_idempotent_request_is_retried_on_a_connection_that_dies_unanswered(
+    method: str, retried: bool
+) -> None:
+    """The upstream reads the request, then closes without answering: it may have acted on it. RFC 9112 §9.3.1: a
+    proxy must not retry a non-idempotent request by itself."""
+    seen: list[bytes] = []
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not seen:  # first connection: answer one request, take the next, hang up
+            seen.append(await read_request(reader))
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+        seen.append(await read_request(reader))
+        if len(seen) > 2:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    async with RawServer(script) as server:
+        pool = upstream.Pool("127.0.0.1", server.port, None)
+        assert await fetch(pool) == (200, b"ok")
+        request_head = upstream.encode_head(method, "/orders", [("Host", "x"), ("Content-Length", "0")])
+        if retried:
+            connection, response = await upstream.request(pool, request_head, None, False, 2)
+            assert (response.status, await response.read()) == (200, b"ok")
+        else:
+            with pytest.raises(upstream.UpstreamFailed):
+                await upstream.request(pool, request_head, None, False, 2)
+        assert [line.split(b" ")[0] for line in seen[1:]] == [method.encode()] * (2 if retried else 1)
+        pool.close()
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [b"HTTP/1.1 20", b"HTTP/1.1 200 OK\r\nContent-Le", b"HTTP/1.1 100 Continue\r\n\r\n", b"HTTP/1.1 103 Early\r\n\r\n"],
+)
+async def test_an_upstream_closing_before_the_answers_head_fails_at_once(sent: bytes) -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(sent)
+
+    async with RawServer(script) as server:
+        pool = upstream.Pool("127.0.0.1", server.port, None)
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(5):  # not the 30 s deadline: the close itself is the failure
+            with pytest.raises(upstream.UpstreamFailed, match="closed"):
+                await upstream.request(pool, head(), None, False, 2, deadline=loop.time() + 30)
+
+
+async def test_switching_protocols_to_a_plain_request_is_a_failure() -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nxx")
+        await reader.read()
+
+    async with RawServer(script) as server:
+        pool = upstream.Pool("127.0.0.1", server.port, None)
+        async with asyncio.timeout(5):
+            with pytest.raises(upstream.UpstreamFailed, match="invalid HTTP"):
+                await fetch(pool)
+
+
+async def test_a_reset_ends_an_unframed_body_as_a_failure_not_as_its_end() -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\n\r\npart of it")
+        await writer.drain()
+        await asyncio.sleep(0.05)  # the head and part of the body arrive first, then the reset
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+
+    async with RawServer(script) as server:
+        pool = upstream.Pool("127.0.0.1", server.port, None)
+        connection, response = await upstream.request(pool, head(), None, False, 2)
+        with pytest.raises(upstream.UpstreamFailed, match="closed"):
+            await response.read()
+
+
+async def test_trailer_fields_are_not_merged_into_the_header_section() -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checksum\r\n\r\n"
+            b"5\r\nhello\r\n0\r\nX-Checksum: abc\r\nSet-Cookie: session=attacker\r\n\r\n"
+        )
+        await reader.read()
+
+    async with RawServer(script) as server:
+        pool = upstream.Pool("127.0.0.1", server.port, None)
+        connection, response = await upstream.request(pool, head(), None, False, 2)
+        assert await response.read() == b"hello"
+        assert [name for name, _ in response.headers] == ["Transfer-Encoding", "Trailer"]
+        pool.close()
+
+
+@pytest.mark.parametrize("coding", ["chunked, gzip", "gzip, chunked", "gzip"])
+async def test_a_transfer_coding_other_than_chunked_is_refused(coding: str) -> None:
+    """The gateway re-frames bodies itself, so a coding it would silently drop (the bytes still gzipped) is a
+    failure, as in nginx."""
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: %b\r\n\r\n5\r\nhello\r\n0\r\n\r\n" % coding.encode())
+        await reader.read()
+
+    async with RawServer(script) as server:
+        pool = upstream.Pool("127.0.0.1", server.port, None)
+        with pytest.raises(upstream.UpstreamFailed, match="unsupported transfer coding"):
+            await fetch(pool)
+
+
+async def test_an_early_answer_stops_the_upload_and_is_returned() -> None:
+    """An upstream that refuses an upload at its head (413) is heard: the body stops, its answer comes back, and the
+    half-sent connection is not reused."""
+    sent = 0
+
+    async def body() -> AsyncIterator[bytes]:
+        nonlocal sent
+        for _ in range(320):  # 20 MiB
+            sent += 1
+            yield b"x" * 65536
+            await asyncio.sleep(0)
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 3\r\n\r\nbig")
+        await writer.drain()
+        while await reader.read(1 << 16):  # read and drop the rest, so no reset destroys the answer
+            pass
+
+    async with RawServer(script) as server:
+        pool = upstream.Pool("127.0.0.1", server.port, None)
+        async with asyncio.timeout(10):
+            assert await fetch(pool, body()) == (413, b"big")
+        assert sent < 320
+        assert await fetch(pool) == (413, b"big")
+        assert server.connections == 2
         pool.close()
