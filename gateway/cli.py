@@ -51,8 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     run.set_defaults(command=_run)
 
     check = commands.add_parser("check-config", help="validate a config file without starting")
-    check.add_argument("file", nargs="?", help="the config file (or --config, as for run)")
-    _config_arg(check)
+    check.add_argument("file", nargs="?", help="the config file (or --config, as for run; not both)")
+    check.add_argument("--config", "-c", default=None)
     check.set_defaults(command=_check_config)
 
     demo = commands.add_parser("demo", help="run a self-contained demo (own issuer, demo upstream, demo token)")
@@ -143,7 +143,11 @@ def _run(args: argparse.Namespace) -> int:
 def _check_config(args: argparse.Namespace) -> int:
     from gateway.checks import compile_check
 
-    path = args.file or args.config  # the file `gateway run` would read, unless named
+    if args.file and args.config:
+        print(f"check-config: two files named ({args.file}, {args.config}): name one", file=sys.stderr)
+        return 2
+    # The file `gateway run` would read, unless one is named.
+    path = args.file or args.config or os.environ.get("GATEWAY_CONFIG", DEFAULT_CONFIG)
     settings = _load(path)
     if settings is None:
         return 1

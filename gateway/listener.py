@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import fcntl
 import json
 import logging
 import socket
 import struct
-import termios
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from email.utils import formatdate
@@ -38,6 +36,14 @@ from yarl import URL
 
 from gateway import errors, websocket
 from gateway.upstream import encode_head
+
+try:  # Linux's SIOCOUTQ has TIOCOUTQ's number; elsewhere the kernel's send queue is not counted
+    import fcntl
+    import termios
+
+    _SIOCOUTQ: int | None = termios.TIOCOUTQ
+except (ImportError, AttributeError):  # pragma: no cover - not Linux
+    _SIOCOUTQ = None
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +81,12 @@ class RequestView(Protocol):
 
 
 def _kernel_send_queue(fd: int) -> int:
-    """Bytes a socket's kernel send queue holds, sent or not, that the peer has not acknowledged (Linux: SIOCOUTQ,
-    which is TIOCOUTQ's number); 0 where the kernel cannot say."""
-    if fd < 0:
+    """Bytes a socket's kernel send queue holds that the peer has not acknowledged (Linux: SIOCOUTQ); 0 where the
+    kernel cannot say (then only the transport's buffer is counted)."""
+    if fd < 0 or _SIOCOUTQ is None:
         return 0
     try:
-        return int(struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0])
+        return int(struct.unpack("i", fcntl.ioctl(fd, _SIOCOUTQ, b"\0\0\0\0"))[0])
     except OSError:
         return 0
 
@@ -367,7 +373,8 @@ class Connection(asyncio.Protocol):
         self._writable: asyncio.Future[None] | None = None
         self._stalled_timer: asyncio.TimerHandle | None = None
         self._written = 0  # bytes handed to the transport, ever
-        self._stall_taken = 0  # bytes the client had taken when the stall watch began
+        self._stall_taken = 0  # bytes the client had taken when last seen taking some, while writing is paused
+        self._progress_at = 0.0  # ... and when that was (loop time)
         self._fd = -1
         self._upgrade: bytes | None = None  # a WebSocket head waiting for the answers before it
         self._broken = False  # the parser failed: nothing more is read
@@ -438,29 +445,32 @@ class Connection(asyncio.Protocol):
         self._writable = None
 
     def _watch_stall(self) -> None:
-        assert self.transport is not None  # noqa: S101 - called while connected
+        """Writing paused: look every quarter of send_timeout whether the client takes any of what waits."""
         self._stall_taken = self._taken()
-        self._stalled_timer = self.listener.loop.call_later(self.listener.send_timeout, self._stalled)
+        self._progress_at = self.listener.loop.time()
+        self._stalled_timer = self.listener.loop.call_later(self.listener.send_timeout / 4, self._stalled)
 
     def _stalled(self) -> None:
-        """Writing has been paused for send_timeout. If none of what waits was sent meanwhile, the client stopped
-        reading: otherwise it would hold this request's task and its upstream connection for as long as it likes,
-        so it is treated as gone. A slow reader that took some gets another send_timeout."""
+        """A client that has taken nothing for send_timeout while writing is paused stopped reading: otherwise it
+        would hold this request's task and its upstream connection for as long as it likes, so it is treated as
+        gone, within 1.25 × send_timeout of its last progress. A slow reader that takes some is left alone."""
         self._stalled_timer = None
         transport = self.transport
         if transport is None or self.lost or transport.get_protocol() is not self:
             return
-        if self._taken() > self._stall_taken:
-            self._watch_stall()
+        loop = self.listener.loop
+        taken = self._taken()
+        if taken > self._stall_taken:
+            self._stall_taken, self._progress_at = taken, loop.time()
+        elif loop.time() - self._progress_at >= self.listener.send_timeout:
+            log.info("closing a connection whose client stopped reading", extra={"client": self.remote})
+            transport.abort()
             return
-        log.info("closing a connection whose client stopped reading", extra={"client": self.remote})
-        transport.abort()
+        self._stalled_timer = loop.call_later(self.listener.send_timeout / 4, self._stalled)
 
     def _taken(self) -> int:
-        """Bytes the client has taken: all written less what waits in the transport's buffer and the kernel's send
-        queue. The kernel's queue alone can hold megabytes, and a reader draining it moves the transport's buffer
-        only once a third of it is free: counting the buffer alone took a client reading 3 MB/s for one that had
-        stopped. Counting what was taken, not what waits, also sees progress while more answers are queued."""
+        """Bytes the client has acknowledged: all written less the transport's buffer and the kernel's send queue.
+        The kernel's queue can hold megabytes that a reader drains before the transport's buffer moves at all."""
         assert self.transport is not None  # noqa: S101 - called while connected
         return self._written - self.transport.get_write_buffer_size() - _kernel_send_queue(self._fd)
 
@@ -543,6 +553,13 @@ class Connection(asyncio.Protocol):
                 request.send(web.json_response(errors.GatewayError().body(), status=500))
         if not request.finished and not self.lost:
             request.abort()  # the answer was begun and never ended
+        if self._writable is not None:
+            # The next pipelined answer waits until this one has left: a client that pipelines requests and reads
+            # slowly cannot pile answers up in the gateway's memory.
+            try:
+                await self._writable
+            except (ConnectionError, asyncio.CancelledError):
+                return
         self._done(request)
 
     def _done(self, request: Request) -> None:
@@ -634,7 +651,7 @@ class Connection(asyncio.Protocol):
     # --- used by Request and Body ----------------------------------------------------------------------------
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.lost:
-            self._written += len(data)
+            self._written += len(data)  # before the write: pause_writing may run inside it and count what was taken
             self.transport.write(data)
 
     async def drained(self) -> None:

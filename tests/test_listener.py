@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import socket
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -341,6 +342,7 @@ async def test_a_client_that_stops_reading_is_cut_off_after_send_timeout(
             assert 0 < received < 512 * len(STREAM_CHUNK)
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="counts the kernel's send queue by SIOCOUTQ (Linux)")
 async def test_a_slow_reader_that_keeps_taking_some_gets_the_whole_answer(
     rich_upstream: RichUpstream, tmp_path: Path
 ) -> None:
@@ -371,6 +373,35 @@ async def test_a_slow_reader_that_keeps_taking_some_gets_the_whole_answer(
     assert (status, headers["transfer-encoding"]) == (200, "chunked")
     assert body == STREAM_CHUNK * mib
     assert not rich_upstream.stream_cut.is_set()
+
+
+async def test_pipelined_answers_wait_for_the_one_before_to_leave(rich_upstream: RichUpstream, tmp_path: Path) -> None:
+    """A client that pipelines requests for 64 KiB answers and reads 32 KiB per round keeps taking some, so it is not
+    cut off; the gateway must then not answer ahead of it: its write buffer stays at about one answer (it grew by
+    ~2.8 MB/s while answers were written whether or not the one before had left)."""
+    config = open_route_config(rich_upstream.url, "send_timeout: 300ms")
+    loop = asyncio.get_running_loop()
+    async for gw in start_gateway(config, tmp_path):
+        assert gw.server._listener is not None
+        connections = gw.server._listener.connections
+        peak = received = 0
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
+            sock.setblocking(False)
+            await loop.sock_connect(sock, ("127.0.0.1", gw.ports.proxy_port))
+            async with asyncio.timeout(30):
+                for _ in range(20):  # 2 s at 10 rounds a second (the pace is what is under test)
+                    await loop.sock_sendall(sock, b"GET /bytes/65536 HTTP/1.1\r\nHost: x\r\n\r\n" * 5)
+                    with contextlib.suppress(BlockingIOError):
+                        chunk = sock.recv(32 * 1024)
+                        assert chunk, "the gateway closed the connection of a client that kept reading"
+                        received += len(chunk)
+                    for connection in connections:
+                        if connection.transport is not None:
+                            peak = max(peak, connection.transport.get_write_buffer_size())
+                    await asyncio.sleep(0.1)
+    assert received > 0
+    assert peak < 512 * 1024, f"{peak} bytes waited in the gateway's write buffer"
 
 
 async def test_a_websocket_handed_over_while_the_socket_is_full_is_not_taken_for_a_stalled_client(

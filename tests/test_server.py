@@ -67,6 +67,14 @@ async def test_check_config_good_file(tmp_path: Path, monkeypatch: pytest.Monkey
     assert "2 routes" in lines[0] and "1 issuers" in lines[0]
 
 
+async def test_check_config_refuses_two_files(tmp_path: Path) -> None:
+    path = tmp_path / "good.yaml"
+    path.write_text(GOOD)
+    code, out, err = await run_cli("check-config", str(path), "--config", str(tmp_path / "other.yaml"))
+    assert code == 2 and out == ""
+    assert "two files named" in err
+
+
 @pytest.mark.parametrize(
     ("name", "edit", "where", "what"),
     [
