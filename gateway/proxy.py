@@ -117,6 +117,8 @@ class Upstream:
             lower = name.lower()
             if lower in self.removed or lower in connection_named:
                 continue  # X-Forwarded-For among them: re-added below with this hop appended
+            if "_" in lower and lower.replace("_", "-") in self.removed:
+                continue  # X_Auth_Subject: an upstream mapping names CGI-style (HTTP_X_AUTH_SUBJECT) would take it
             if lower == "cookie" and self.credential_source == "cookie":
                 value = _without_cookie(value, self.credential_name or "")
                 if not value:
@@ -299,7 +301,10 @@ async def _relay(request: Request, answer: _Answer) -> None:
         headers = [(name, value) for name, value in headers if name.lower() not in named]
     length = answer.content_length
     if request.method == "HEAD" or answer.status in _NO_BODY_STATUSES:
-        request.respond_bodyless(answer.status, answer.reason, headers, length, dated)
+        if request.method != "HEAD":
+            await _read(answer)  # nothing follows a 204/304 head: read to its end, the connection is reused
+        # A 204 has no Content-Length (RFC 9110 §8.6); a 304's, or a HEAD answer's, tells the representation's.
+        request.respond_bodyless(answer.status, answer.reason, headers, None if answer.status == 204 else length, dated)
         return
     if length is not None and length <= _SMALL_BODY:
         request.respond(answer.status, answer.reason, headers, await _read(answer), dated)

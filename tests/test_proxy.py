@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import hashlib
 import json
@@ -23,6 +24,7 @@ from tests.support import (
     Key,
     RichUpstream,
     RunningGateway,
+    open_route_config,
     pattern_bytes,
     raw_http_request,
     refusing_port,
@@ -201,6 +203,23 @@ async def test_identity_headers_from_claims_and_spoofs_removed(
     assert values(seen, "X-Auth-Aud") == [f"{AUDIENCE} other"]
     assert values(seen, "X-Auth-Admin") == []  # no such claim: the client's value is still removed
     assert rich_upstream.requests[-1]["raw_path"] == "/who"  # strip_prefix /api
+
+
+async def test_underscore_spellings_of_headers_the_gateway_sets_are_removed(
+    gw: RunningGateway, rich_upstream: RichUpstream, rsa_key: Key
+) -> None:
+    """An upstream that maps header names CGI-style (X_Auth_Subject and X-Auth-Subject both HTTP_X_AUTH_SUBJECT)
+    could take a client's underscore spelling for the gateway's own header; other underscore names pass."""
+    head = (
+        f"GET /api/who HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {rsa_key.sign()}\r\n"
+        "X_Auth_Subject: mallory\r\nx_forwarded_for: 10.9.9.9\r\nX_Custom: kept\r\n"
+    )
+    status, _, _ = await raw_http_request(gw.ports.proxy_port, head)
+    assert status == 200
+    seen = rich_upstream.requests[-1]["header_list"]
+    assert values(seen, "X_Auth_Subject") == [] and values(seen, "x_forwarded_for") == []
+    assert values(seen, "X-Auth-Subject") == ["alice"]
+    assert values(seen, "X_Custom") == ["kept"]
 
 
 async def test_identity_header_non_ascii_claim_forwarded_as_utf8(
@@ -471,6 +490,38 @@ async def test_head_request(gw: RunningGateway, rich_upstream: RichUpstream, siz
     assert body == b""  # read until the server closed: not one body byte was sent
     assert headers["x-upstream"] == "yes"
     assert rich_upstream.requests[-1]["method"] == "HEAD"
+
+
+async def test_a_204_is_relayed_without_content_length_and_its_connection_reused(tmp_path: Path) -> None:
+    """RFC 9110 §8.6: a 204 carries no Content-Length, even when the upstream sent one; and a bodyless answer
+    leaves its upstream connection ready for the next request (each 204 used to close it)."""
+    connections = 0
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nX-Upstream: yes\r\n\r\n")
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(upstream, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async for gw in start_gateway(open_route_config(f"http://127.0.0.1:{port}"), tmp_path):
+            for _ in range(3):
+                reader, writer = await asyncio.open_connection("127.0.0.1", gw.ports.proxy_port)
+                writer.write(b"DELETE /items/1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                answer = await asyncio.wait_for(reader.read(), 10)
+                writer.close()
+                head = answer.decode("latin-1").lower()
+                assert head.startswith("http/1.1 204") and "x-upstream: yes" in head
+                assert "content-length" not in head and "transfer-encoding" not in head
+        assert connections == 1
+    finally:
+        server.close()
 
 
 # --- upstream failures -------------------------------------------------------------------------------------------
