@@ -22,6 +22,7 @@ from typing import cast
 import httptools
 
 BUFFER_LIMIT = 256 * 1024
+MAX_HEAD_BYTES = 64 * 1024  # an upstream answer's head, at most (a client's is listen.max_header_bytes)
 _MAX_IDLE = 256  # idle connections kept per upstream origin
 
 
@@ -68,7 +69,8 @@ class Connection(asyncio.Protocol):
         self._error: BaseException | None = None
         self._keep_alive = False
         self.closed = False
-        self._keep_alive_vetoed = False  # a request body was cut short: the connection cannot take another request
+        self._keep_alive_vetoed = False
+        self._head_bytes = 0  # of the answer's head (and interim 1xx heads), read so far  # a request body was cut short: the connection cannot take another request
         self.done = False  # the whole response was read (the connection went back to the pool, or closed)
 
     # asyncio.Protocol
@@ -87,6 +89,13 @@ class Connection(asyncio.Protocol):
             return
         try:
             self.parser.feed_data(data)
+            if not self._headers_ready.done():
+                self._head_bytes += len(data)
+                if self._head_bytes > MAX_HEAD_BYTES:  # nginx: "upstream sent too big header"
+                    raise UpstreamFailed(f"the answer's head is over {MAX_HEAD_BYTES} bytes")
+        except UpstreamFailed as exc:
+            self._fail(exc)
+            self.close()
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             if self._body_done:
                 # The answer was whole before what failed (bytes past its end, a second answer): nginx's "upstream
@@ -179,6 +188,7 @@ class Connection(asyncio.Protocol):
         self.done = False
         loop = asyncio.get_running_loop()
         self._headers_ready = loop.create_future()
+        self._head_bytes = 0
         self.transport.write(head)
         if body is not None:
             async for chunk in body:

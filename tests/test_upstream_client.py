@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -406,4 +407,34 @@ async def test_an_early_answer_stops_the_upload_and_is_returned() -> None:
         assert sent < 320
         assert await fetch(pool) == (413, b"big")
         assert server.connections == 2
+        pool.close()
+
+
+@pytest.mark.parametrize("shape", ["one long header", "many headers"])
+async def test_an_answer_head_over_the_limit_is_refused(shape: str) -> None:
+    """An upstream's head is held whole before it is relayed: over MAX_HEAD_BYTES it is a failure, not memory."""
+    line = b"X-Big: " + b"a" * (2 * upstream.MAX_HEAD_BYTES) + b"\r\n"
+    lines = line if shape == "one long header" else b"X-Many: aaaaaaaaaaaaaaaa\r\n" * 20_000
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\n" + lines + b"Content-Length: 2\r\n\r\nok")
+        with contextlib.suppress(ConnectionError):
+            await reader.read()
+
+    async with RawServer(script) as server:
+        pool = upstream.Pool("127.0.0.1", server.port, None)
+        with pytest.raises(upstream.UpstreamFailed, match="head is over"):
+            await fetch(pool)
+
+
+async def test_a_head_and_a_large_body_in_one_read_are_not_taken_for_a_large_head() -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 200000\r\n\r\n" + b"b" * 200_000)
+        await reader.read()
+
+    async with RawServer(script) as server:
+        pool = upstream.Pool("127.0.0.1", server.port, None)
+        assert await fetch(pool) == (200, b"b" * 200_000)
         pool.close()
