@@ -58,6 +58,10 @@ class HeadersTooLarge(InvalidRequest):
     status, description = 431, "request header fields too large"
 
 
+class UnsupportedTransferCoding(InvalidRequest):
+    status, description = 501, "no transfer coding but chunked is supported"
+
+
 class AuthError(GatewayError):
     status, error, reason, description = 401, "invalid_token", "invalid", "the access token is invalid"
 

@@ -21,6 +21,7 @@ import asyncio
 import collections
 import json
 import logging
+import re
 import socket
 import struct
 import time
@@ -306,14 +307,26 @@ def _http_date() -> str:
     return _date_cache[1]
 
 
+# RFC 9112 §3.2: uri-host [":" port]; uri-host an IP-literal or a reg-name (percent-encoded allowed)
+_HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(?::[0-9]*)?")
+
+
 def _check_head(headers: CIMultiDict[str], version: str) -> None:
     """What llhttp leaves to us (with on_header's singleton check): Host (RFC 9112 §3.2), and a Transfer-Encoding that does not end in chunked (RFC 9112 §6.3; llhttp finds it only after this head is
     handed on, when the request could already be on its way upstream)."""
-    if version == "1.1" and "Host" not in headers:
-        raise errors.InvalidRequest("an HTTP/1.1 request needs a Host header")
+    host = headers.get("Host")
+    if host is None:
+        if version == "1.1":
+            raise errors.InvalidRequest("an HTTP/1.1 request needs a Host header")
+    elif not _HOST.fullmatch(host):  # it is forwarded as X-Forwarded-Host, which upstreams build links from
+        raise errors.InvalidRequest("the Host header is not a host and port")
     codings = ",".join(headers.getall("Transfer-Encoding", ()))
-    if codings and codings.rsplit(",", 1)[-1].strip().lower() != "chunked":
-        raise errors.InvalidRequest("Transfer-Encoding must end in chunked")
+    if codings:
+        last = codings.rsplit(",", 1)[-1].strip().lower()
+        if last != "chunked":
+            raise errors.InvalidRequest("Transfer-Encoding must end in chunked")
+        if codings.strip().lower() != "chunked":  # gzip, chunked: the gateway re-frames bodies and would drop gzip
+            raise errors.UnsupportedTransferCoding()
 
 
 def _has_body(headers: CIMultiDict[str]) -> bool:

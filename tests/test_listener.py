@@ -25,6 +25,7 @@ from tests.support import (
     RichUpstream,
     RunningGateway,
     open_route_config,
+    raw_http_request,
     read_answer,
     start_gateway,
 )
@@ -164,6 +165,10 @@ async def test_unusable_request_lines_get_400_and_the_connection_closes(
             "POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, gzip\r\n",
             "malformed HTTP request",  # refused by llhttp itself
         ),
+        # Forwarded as X-Forwarded-Host: an upstream building links from it would take whatever follows
+        ("GET /a HTTP/1.1\r\nHost: gw evil\r\n", "the Host header is not a host and port"),
+        ("GET /a HTTP/1.1\r\nHost: gw/evil\r\n", "the Host header is not a host and port"),
+        ("GET /a HTTP/1.0\r\nHost: gw:80@evil\r\n", "the Host header is not a host and port"),
     ],
 )
 async def test_heads_llhttp_passes_but_http_forbids_get_400(
@@ -177,6 +182,26 @@ async def test_heads_llhttp_passes_but_http_forbids_get_400(
         assert json.loads(body) == {"error": "invalid_request", "error_description": description}
         assert await closed_by_server(reader) == b""
     assert rich_upstream.requests == []
+
+
+@pytest.mark.parametrize("codings", ["gzip, chunked", "gzip\r\nTransfer-Encoding: chunked"])
+async def test_a_transfer_coding_besides_chunked_gets_501(
+    codings: str, gw: RunningGateway, rich_upstream: RichUpstream
+) -> None:
+    """The gateway re-frames request bodies: a gzip coding under chunked would reach the upstream undeclared."""
+    async with connection(gw) as (reader, writer):
+        writer.write(f"POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: {codings}\r\n\r\n0\r\n\r\n".encode())
+        async with asyncio.timeout(10):
+            status, headers, _ = await read_answer(reader)
+        assert status == 501 and headers["connection"] == "close"
+    assert rich_upstream.requests == []
+
+
+@pytest.mark.parametrize("host", ["gw.example", "gw.example:8443", "127.0.0.1:80", "[::1]:8080", "xn--bcher-kva.de"])
+async def test_ordinary_hosts_pass(host: str, gw: RunningGateway, rich_upstream: RichUpstream) -> None:
+    status, _, _ = await raw_http_request(gw.ports.proxy_port, f"GET /a HTTP/1.1\r\nHost: {host}\r\n")
+    assert status != 400
+    assert rich_upstream.requests[-1]["headers"]["X-Forwarded-Host"] == host
 
 
 async def test_too_many_headers_get_431(gw: RunningGateway, rich_upstream: RichUpstream) -> None:
