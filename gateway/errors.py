@@ -196,6 +196,17 @@ class UpstreamTimeout(GatewayError):
     )
 
 
+class RequestBodyTimeout(GatewayError):
+    """The client, not the upstream, was waited on: its body stopped arriving (RFC 9110 §15.5.9)."""
+
+    status, error, reason, description = (
+        408,
+        "request_timeout",
+        "client_timeout",
+        "the request body did not arrive in time",
+    )
+
+
 def _challenge(realm: str, error: str, description: str) -> str:
     # Descriptions are our own fixed strings; quotes/backslashes are escaped anyway for a valid header.
     safe = description.replace("\\", "\\\\").replace('"', '\\"')

@@ -232,6 +232,8 @@ async def _send(
         log.warning("upstream request failed", extra={"upstream": upstream.origin, "error": str(exc)})
         raise errors.UpstreamUnavailable() from None
     except (TimeoutError, upstream_client.UpstreamTimedOut):
+        if request.body is not None and not request.body.complete:
+            raise errors.RequestBodyTimeout() from None  # the client's body stalled, not the upstream
         raise errors.UpstreamTimeout() from None
     return answer, connection.abandon
 

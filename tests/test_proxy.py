@@ -27,6 +27,7 @@ from tests.support import (
     open_route_config,
     pattern_bytes,
     raw_http_request,
+    read_answer,
     refusing_port,
     start_gateway,
     unresponsive_port,
@@ -546,6 +547,20 @@ async def test_upstream_slower_than_timeout_is_504(
     # The gateway gave up on the upstream request too: the upstream handler is cancelled.
     async with asyncio.timeout(5):
         await rich_upstream.slow_cancelled.wait()
+
+
+async def test_a_client_body_that_stops_arriving_is_408_not_504(gw: RunningGateway) -> None:
+    """The route's timeout ran out while the gateway waited on the client's body: the client is told it was slow
+    (408), not that the upstream was (504)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.ports.proxy_port)
+    try:
+        writer.write(b"POST /slow?s=0 HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhello")  # 5 of 10
+        async with asyncio.timeout(10):
+            status, _, body = await read_answer(reader)
+        assert status == 408
+        assert json.loads(body)["error"] == "request_timeout"
+    finally:
+        writer.close()
 
 
 async def test_upstream_connect_timeout_is_502(tmp_path: Path, http: aiohttp.ClientSession) -> None:
