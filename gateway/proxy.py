@@ -14,7 +14,6 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Protocol
 from urllib.parse import unquote_plus
 
 import aiohttp
@@ -31,8 +30,6 @@ log = logging.getLogger(__name__)
 _SMALL_BODY = 64 * 1024
 _NO_BODY_STATUSES = frozenset({204, 304})
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # all but HTAB (RFC 9110 §5.5)
-# aiohttp would otherwise add its own Accept/User-Agent/... when the client sent none: the upstream sees the client's.
-_SKIP_AUTO = frozenset({"Accept", "Accept-Encoding", "User-Agent", "Content-Type"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,18 +155,8 @@ def _without_cookie(header: str, name: str) -> str:
 class Clients:
     """The HTTP clients forwarding uses; they outlive config reloads."""
 
-    session: aiohttp.ClientSession  # WebSocket upgrades and HEAD
+    session: aiohttp.ClientSession  # WebSocket upgrades
     pools: upstream_client.Pools  # everything else: the lean keep-alive client
-
-
-class _Answer(Protocol):
-    status: int
-    reason: str
-    headers: list[tuple[str, str]]
-    content_length: int | None
-
-    def chunks(self) -> AsyncIterator[bytes]: ...
-    async def read(self) -> bytes: ...
 
 
 async def forward(
@@ -188,10 +175,7 @@ async def forward(
     request.send_continue()
     body = request.body.chunks() if request.body is not None else None
     started = time.perf_counter()
-    if request.method == "HEAD":  # llhttp cannot be told that an answer to HEAD has no body
-        answer, release = await _send_with_aiohttp(request, clients.session, upstream, headers, body)
-    else:
-        answer, release = await _send(request, clients.pools, upstream, headers, body)
+    answer, release = await _send(request, clients.pools, upstream, headers, body)
     if observe is not None:
         observe(time.perf_counter() - started)
     try:
@@ -206,7 +190,7 @@ async def _send(
     upstream: Upstream,
     headers: list[tuple[str, str]],
     body: AsyncIterator[bytes] | None,
-) -> tuple[_Answer, Callable[[], None]]:
+) -> tuple[upstream_client.Response, Callable[[], None]]:
     pool = pools.get(upstream.scheme, upstream.host, upstream.port)
     # `headers` is this request's own list, sent once: Host and framing are added to it here.
     if not (upstream.preserve_host and request.host):  # without a Host of the client's, the upstream's own
@@ -238,57 +222,7 @@ async def _send(
     return answer, connection.abandon
 
 
-async def _send_with_aiohttp(
-    request: Request,
-    session: aiohttp.ClientSession,
-    upstream: Upstream,
-    headers: list[tuple[str, str]],
-    body: AsyncIterator[bytes] | None,
-) -> tuple[_Answer, Callable[[], None]]:
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=upstream.connect_timeout)
-    try:
-        async with asyncio.timeout(upstream.timeout):
-            answer = await session.request(
-                request.method, upstream.target(request.raw_path, request.raw_query),
-                headers=upstream_client.one_spelling_each(headers),
-                data=body, allow_redirects=False, timeout=timeout, skip_auto_headers=_SKIP_AUTO,
-            )  # fmt: skip
-    except aiohttp.ClientError as exc:
-        # Before TimeoutError: aiohttp's connect timeout (ConnectionTimeoutError) is both a ClientError and a
-        # TimeoutError, and an upstream that cannot be reached is 502 (connect_timeout), not 504.
-        log.warning("upstream request failed", extra={"upstream": upstream.origin, "error": type(exc).__name__})
-        raise errors.UpstreamUnavailable() from None
-    except TimeoutError:
-        raise errors.UpstreamTimeout() from None
-    # close() is a no-op when the body was read to the end (the connection is already back in the pool).
-    return _AiohttpAnswer(answer), answer.close
-
-
-class _AiohttpAnswer:
-    """aiohttp's response seen through the same small interface as the lean client's."""
-
-    def __init__(self, answer: aiohttp.ClientResponse) -> None:
-        self._answer = answer
-        self.status = answer.status
-        self.reason = answer.reason or ""
-        self.headers = list(answer.headers.items())
-        self.content_length = answer.content_length
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        while True:
-            try:
-                chunk = await self._answer.content.readany()
-            except aiohttp.ClientError as exc:  # ClientPayloadError, ServerDisconnectedError
-                raise upstream_client.UpstreamFailed(type(exc).__name__) from None
-            if not chunk:
-                return
-            yield chunk
-
-    async def read(self) -> bytes:
-        return b"".join([chunk async for chunk in self.chunks()])
-
-
-async def _relay(request: Request, answer: _Answer) -> None:
+async def _relay(request: Request, answer: upstream_client.Response) -> None:
     headers: list[tuple[str, str]] = []
     named: set[str] = set()  # headers the upstream's Connection header names are hop-by-hop too
     dated = False
@@ -326,7 +260,7 @@ async def _relay(request: Request, answer: _Answer) -> None:
     request.finish()
 
 
-async def _read(answer: _Answer) -> bytes:
+async def _read(answer: upstream_client.Response) -> bytes:
     try:
         return await answer.read()
     except upstream_client.UpstreamFailed as exc:  # nothing sent yet: a clean 502

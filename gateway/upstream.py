@@ -3,8 +3,9 @@
 Why not aiohttp's client here: on this path it cost ~200 µs of CPU per request (request/response objects,
 timers, header normalisation), four times the whole aiohttp server side. This client does one write for a
 bodyless request and parses with llhttp, the parser uvicorn and node use. aiohttp's client still serves what
-this one leaves out: HEAD (llhttp cannot be told a response has no body) and WebSocket upgrades
-(`one_spelling_each` prepares headers for it).
+this one leaves out: WebSocket upgrades (`one_spelling_each` prepares headers for it). An answer to HEAD
+ends with its head (llhttp cannot be told so, and would wait for the body its Content-Length announces): its
+connection is then closed, not reused.
 
 Flow control both ways: request bodies wait for the upstream socket to drain; response bodies pause reading
 from the upstream while more than BUFFER_LIMIT bytes wait for the client.
@@ -70,7 +71,8 @@ class Connection(asyncio.Protocol):
         self._keep_alive = False
         self.closed = False
         self._keep_alive_vetoed = False
-        self._head_bytes = 0  # of the answer's head (and interim 1xx heads), read so far  # a request body was cut short: the connection cannot take another request
+        self._head_bytes = 0  # of the answer's head (and interim 1xx heads), read so far
+        self._to_head = False  # the request is HEAD: the answer has no body, whatever its head announces  # a request body was cut short: the connection cannot take another request
         self.done = False  # the whole response was read (the connection went back to the pool, or closed)
 
     # asyncio.Protocol
@@ -160,10 +162,15 @@ class Connection(asyncio.Protocol):
         self.response.status = self.parser.get_status_code()
         if self.response.status < 200:
             return  # 100 Continue, 103 Early Hints: interim; the real answer follows on this connection
+        if self._to_head:  # done: a stray body, or the parser's wait for the announced one, ends with the connection
+            self._body_done = True
+            self._keep_alive_vetoed = True
         if self._headers_ready is not None and not self._headers_ready.done():
             self._headers_ready.set_result(self.response)
 
     def on_body(self, body: bytes) -> None:
+        if self._to_head:
+            return
         self._body.append(body)
         self._buffered += len(body)
         if self._buffered > BUFFER_LIMIT and self.transport is not None:
@@ -189,6 +196,7 @@ class Connection(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         self._headers_ready = loop.create_future()
         self._head_bytes = 0
+        self._to_head = head.startswith(b"HEAD ")
         self.transport.write(head)
         if body is not None:
             async for chunk in body:

@@ -497,10 +497,12 @@ async def test_a_204_is_relayed_without_content_length_and_its_connection_reused
     """RFC 9110 §8.6: a 204 carries no Content-Length, even when the upstream sent one; and a bodyless answer
     leaves its upstream connection ready for the next request (each 204 used to close it)."""
     connections = 0
+    writers: list[asyncio.StreamWriter] = []
 
     async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal connections
         connections += 1
+        writers.append(writer)
         with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
             while True:
                 await reader.readuntil(b"\r\n\r\n")
@@ -517,12 +519,17 @@ async def test_a_204_is_relayed_without_content_length_and_its_connection_reused
                 writer.write(b"DELETE /items/1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
                 answer = await asyncio.wait_for(reader.read(), 10)
                 writer.close()
+                await writer.wait_closed()
                 head = answer.decode("latin-1").lower()
                 assert head.startswith("http/1.1 204") and "x-upstream: yes" in head
                 assert "content-length" not in head and "transfer-encoding" not in head
         assert connections == 1
     finally:
         server.close()
+        for upstream_writer in writers:  # the pooled connection's handler, still reading
+            upstream_writer.close()
+            with contextlib.suppress(ConnectionError):
+                await upstream_writer.wait_closed()
 
 
 # --- upstream failures -------------------------------------------------------------------------------------------
@@ -561,6 +568,8 @@ async def test_a_client_body_that_stops_arriving_is_408_not_504(gw: RunningGatew
         assert json.loads(body)["error"] == "request_timeout"
     finally:
         writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
 
 
 async def test_upstream_connect_timeout_is_502(tmp_path: Path, http: aiohttp.ClientSession) -> None:

@@ -438,3 +438,24 @@ async def test_a_head_and_a_large_body_in_one_read_are_not_taken_for_a_large_hea
         pool = upstream.Pool("127.0.0.1", server.port, None)
         assert await fetch(pool) == (200, b"b" * 200_000)
         pool.close()
+
+
+async def test_an_answer_to_head_ends_with_its_head_and_its_connection() -> None:
+    """llhttp would wait for the body a HEAD answer's Content-Length announces: the answer ends with its head, a
+    stray body (a common upstream bug) is dropped with the connection, and header bytes pass as they are."""
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Name: Jos\xe9\r\n\r\nhello")
+        await reader.read()
+
+    async with RawServer(script) as server:
+        pool = upstream.Pool("127.0.0.1", server.port, None)
+        head_request = upstream.encode_head("HEAD", "/", [("Host", "x")])
+        async with asyncio.timeout(5):
+            connection, response = await upstream.request(pool, head_request, None, False, 2)
+            assert (response.status, response.content_length, await response.read()) == (200, 5, b"")
+        assert ("X-Name", "Jos\udce9") in response.headers  # as the listener writes it back: the byte 0xE9
+        connection.abandon()
+        assert connection.closed
+        pool.close()
