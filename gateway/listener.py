@@ -107,8 +107,10 @@ class Body:
         self._error: BaseException | None = None
         self.complete = False
         self.expect_continue = False  # the client waits for "100 Continue" before it sends the body
+        self.starved = False  # everything received was taken and more is awaited from the client (not the upstream)
 
     def feed(self, data: bytes) -> None:
+        self.starved = False
         self._chunks.append(data)
         self._buffered += len(data)
         if self._buffered > BODY_LIMIT:
@@ -136,6 +138,7 @@ class Body:
                 raise self._error
             if self.complete:
                 return
+            self.starved = True
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
 
@@ -307,8 +310,8 @@ def _http_date() -> str:
     return _date_cache[1]
 
 
-# RFC 9112 §3.2: uri-host [":" port]; uri-host an IP-literal or a reg-name (percent-encoded allowed)
-_HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(?::[0-9]*)?")
+# RFC 9112 §3.2: uri-host [":" port]; uri-host an IP-literal (zone ids and IPvFuture too) or a reg-name
+_HOST = re.compile(r"(?:\[[0-9A-Za-z:._~%!$&'()*+,;=-]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(?::[0-9]*)?")
 
 
 def _check_head(headers: CIMultiDict[str], version: str) -> None:

@@ -49,6 +49,8 @@ class Upstream:
     websocket_max_message: int  # bytes
     identity_headers: tuple[tuple[str, str], ...]
     removed: frozenset[str]  # lower-case request headers never forwarded as sent
+    removed_dashed: frozenset[str]  # the same with '_' read as '-' (CGI-style upstreams do not tell them apart)
+    removed_has_underscore: bool  # a configured name has one: then a client's '-' spelling must be checked too
     credential_source: str | None  # "authorization" | "header" | "cookie" | "query", when it must be removed
     credential_name: str | None
 
@@ -83,6 +85,8 @@ class Upstream:
             websocket_max_message=route.upstream.websocket_max_message_bytes,
             identity_headers=identity,
             removed=frozenset(removed),
+            removed_dashed=frozenset(name.replace("_", "-") for name in removed),
+            removed_has_underscore=any("_" in name for name in removed),
             credential_source=token.source if remove else None,
             credential_name=token.name,
         )
@@ -114,7 +118,7 @@ class Upstream:
             lower = name.lower()
             if lower in self.removed or lower in connection_named:
                 continue  # X-Forwarded-For among them: re-added below with this hop appended
-            if "_" in lower and lower.replace("_", "-") in self.removed:
+            if ("_" in lower or self.removed_has_underscore) and lower.replace("_", "-") in self.removed_dashed:
                 continue  # X_Auth_Subject: an upstream mapping names CGI-style (HTTP_X_AUTH_SUBJECT) would take it
             if lower == "cookie" and self.credential_source == "cookie":
                 value = _without_cookie(value, self.credential_name or "")
@@ -216,8 +220,8 @@ async def _send(
         log.warning("upstream request failed", extra={"upstream": upstream.origin, "error": str(exc)})
         raise errors.UpstreamUnavailable() from None
     except (TimeoutError, upstream_client.UpstreamTimedOut):
-        if request.body is not None and not request.body.complete:
-            raise errors.RequestBodyTimeout() from None  # the client's body stalled, not the upstream
+        if request.body is not None and request.body.starved:
+            raise errors.RequestBodyTimeout() from None  # waiting on the client's body, not on the upstream
         raise errors.UpstreamTimeout() from None
     return answer, connection.abandon
 

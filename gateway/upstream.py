@@ -71,7 +71,9 @@ class Connection(asyncio.Protocol):
         self._keep_alive = False
         self.closed = False
         self._keep_alive_vetoed = False
-        self._head_bytes = 0  # of the answer's head (and interim 1xx heads), read so far
+        self._head_bytes = 0  # read while the answer's head (and interim 1xx heads) was incomplete
+        self._head_parsed = 0  # of the header fields parsed: a whole head can come in one read
+        self.received = False  # any byte of an answer to the request under way
         self._to_head = False  # the request is HEAD: the answer has no body, whatever its head announces  # a request body was cut short: the connection cannot take another request
         self.done = False  # the whole response was read (the connection went back to the pool, or closed)
 
@@ -84,6 +86,7 @@ class Connection(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
+        self.received = True
         if self._headers_ready is None:
             # Nothing asked (idle in the pool, or not yet used): what comes is no answer of ours, and kept it would
             # be read as the start of the next request's answer, another client's.
@@ -121,6 +124,7 @@ class Connection(asyncio.Protocol):
             self._fail(UpstreamFailed("the upstream closed the connection"))
         if self._writable is not None and not self._writable.done():
             self._writable.set_exception(UpstreamFailed("the upstream closed the connection"))
+            self._writable.exception()  # retrieved: _send_body may have stopped waiting on it (an answer came)
 
     def pause_writing(self) -> None:
         self._writable = asyncio.get_running_loop().create_future()
@@ -144,13 +148,16 @@ class Connection(asyncio.Protocol):
         assert self.response is not None  # noqa: S101
         if self.response.status:
             return  # a trailer field, after the body: not merged into the header section (RFC 9110 §6.5.1)
+        self._head_parsed += len(name) + len(value) + 4
+        if self._head_parsed > MAX_HEAD_BYTES:
+            raise UpstreamFailed(f"the answer's head is over {MAX_HEAD_BYTES} bytes")
         # As aiohttp's own parser decodes them, so the bytes pass through the server side unchanged.
         text = value.decode("utf-8", "surrogateescape")
         if len(name) in (14, 17):  # only then can it be Content-Length or Transfer-Encoding
             lower = name.lower()
             if lower == b"content-length" and text.isdigit():
                 self.response.content_length = int(text)
-            elif lower == b"transfer-encoding":
+            elif lower == b"transfer-encoding" and not self._to_head:  # a HEAD answer has no body to decode
                 if text.strip().lower() != "chunked":
                     # Another coding (gzip, chunked) could not be passed on: the gateway re-frames the body itself.
                     raise UpstreamFailed(f"unsupported transfer coding {text!r}")
@@ -195,24 +202,12 @@ class Connection(asyncio.Protocol):
         self.done = False
         loop = asyncio.get_running_loop()
         self._headers_ready = loop.create_future()
-        self._head_bytes = 0
+        self._head_bytes = self._head_parsed = 0
+        self.received = False
         self._to_head = head.startswith(b"HEAD ")
         self.transport.write(head)
         if body is not None:
-            async for chunk in body:
-                if self._headers_ready.done() or self.transport.is_closing():
-                    # The upstream answered early (413, 401...) or went away: stop sending, relay what it said. The
-                    # request is half sent, so the connection is not reused.
-                    self._keep_alive_vetoed = True
-                    break
-                if not chunk:
-                    continue
-                self.transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
-                if self._writable is not None:
-                    await self._writable
-            else:
-                if chunked and not self.transport.is_closing():
-                    self.transport.write(b"0\r\n\r\n")
+            await self._send_body(body, chunked)
         if deadline is None:
             return await self._headers_ready
         timer = loop.call_at(deadline, self._time_out)
@@ -220,6 +215,39 @@ class Connection(asyncio.Protocol):
             return await self._headers_ready
         finally:
             timer.cancel()
+
+    async def _send_body(self, body: AsyncIterator[bytes], chunked: bool) -> None:
+        """Write the body to its end, unless the upstream answers first (413, 401...) or goes away: whether waiting
+        on the client's next chunk or on the upstream's socket, the answer is watched for too, and then the rest is
+        not sent. A body cut short leaves the connection unusable for another request."""
+        assert self.transport is not None and self._headers_ready is not None  # noqa: S101 - set by send
+        answered = self._headers_ready
+        chunks = aiter(body)
+        while True:
+            step: asyncio.Future[bytes] = asyncio.ensure_future(anext(chunks))
+            try:
+                await asyncio.wait((step, answered), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not step.done():
+                    step.cancel()
+            if answered.done() or self.transport.is_closing():
+                self._keep_alive_vetoed = True
+                return
+            try:
+                chunk = step.result()
+            except StopAsyncIteration:
+                break
+            if chunk:
+                self.transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+            writable = self._writable
+            if writable is not None:
+                await asyncio.wait((writable, answered), return_when=asyncio.FIRST_COMPLETED)
+                if answered.done():
+                    self._keep_alive_vetoed = True
+                    return
+                writable.result()  # UpstreamFailed: the upstream went away without an answer
+        if chunked:
+            self.transport.write(b"0\r\n\r\n")
 
     def _time_out(self) -> None:
         self._fail(UpstreamTimedOut("no answer in time"))
@@ -356,9 +384,9 @@ async def request(
             return connection, await connection.send(head, body, chunked, deadline)
         except UpstreamFailed:
             connection.close()
-            # A kept-alive connection the upstream had just closed: retried only without a body and for an idempotent
-            # method, as the upstream may have acted on it before closing (RFC 9112 §9.3.1; nginx does the same).
-            if body is not None or head.partition(b" ")[0] not in _IDEMPOTENT:
+            # A kept-alive connection the upstream had just closed, unanswered: retried only without a body and for
+            # an idempotent method, as the upstream may have acted on it (RFC 9112 §9.3.1; nginx does the same).
+            if connection.received or body is not None or head.partition(b" ")[0] not in _IDEMPOTENT:
                 raise
         except BaseException:  # the client's body broke off, or the client went away: a half-sent request
             connection.close()

@@ -197,7 +197,10 @@ async def test_a_transfer_coding_besides_chunked_gets_501(
     assert rich_upstream.requests == []
 
 
-@pytest.mark.parametrize("host", ["gw.example", "gw.example:8443", "127.0.0.1:80", "[::1]:8080", "xn--bcher-kva.de"])
+@pytest.mark.parametrize(
+    "host",
+    ["gw.example", "gw.example:8443", "127.0.0.1:80", "[::1]:8080", "xn--bcher-kva.de", "[fe80::1%25eth0]:80", "gw."],
+)
 async def test_ordinary_hosts_pass(host: str, gw: RunningGateway, rich_upstream: RichUpstream) -> None:
     status, _, _ = await raw_http_request(gw.ports.proxy_port, f"GET /a HTTP/1.1\r\nHost: {host}\r\n")
     assert status != 400

@@ -11,12 +11,16 @@ import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import cast
 
 import aiohttp
 import pytest
+from multidict import CIMultiDict
 from yarl import URL
 
-from gateway import configfile
+from gateway import configfile, proxy
+from gateway.identity import Identity
+from gateway.listener import RequestView
 from tests.support import (
     AUDIENCE,
     ISSUER,
@@ -221,6 +225,28 @@ async def test_underscore_spellings_of_headers_the_gateway_sets_are_removed(
     assert values(seen, "X_Auth_Subject") == [] and values(seen, "x_forwarded_for") == []
     assert values(seen, "X-Auth-Subject") == ["alice"]
     assert values(seen, "X_Custom") == ["kept"]
+
+
+def test_a_configured_underscore_name_is_not_imitated_with_dashes() -> None:
+    """The other way round: identity header X_User configured, a client's X-User removed (both HTTP_X_USER)."""
+    settings = configfile.loads(
+        "issuers: [{name: corp, issuer: https://idp.test/, jwks_uri: https://idp.test/jwks, audiences: [api]}]\n"
+        "routes: [{name: r, match: {path_prefix: /}, upstream: {url: 'http://127.0.0.1:9'},\n"
+        "  auth: {mode: jwt, issuers: [corp]}, forward: {identity_headers: {X_User: sub}}}]\n",
+        env={},
+    )
+    route = proxy.Upstream.compile(settings.routes[0])
+
+    class Client:
+        headers = CIMultiDict([("Host", "gw"), ("X-User", "admin"), ("X-Other", "kept")])
+        host, remote, scheme = "gw", "127.0.0.1", "http"
+
+    identity = Identity("alice", frozenset(), {"sub": "alice"}, "corp", "jwt")
+    forwarded = route.headers(cast(RequestView, Client()), identity)
+    assert [(n, v) for n, v in forwarded if n.lower() in ("x-user", "x_user", "x-other")] == [
+        ("X-Other", "kept"),
+        ("X_User", "alice"),
+    ]
 
 
 async def test_identity_header_non_ascii_claim_forwarded_as_utf8(
@@ -561,7 +587,7 @@ async def test_a_client_body_that_stops_arriving_is_408_not_504(gw: RunningGatew
     (408), not that the upstream was (504)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", gw.ports.proxy_port)
     try:
-        writer.write(b"POST /slow?s=0 HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhello")  # 5 of 10
+        writer.write(b"POST /slow/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhello")  # 5 of 10
         async with asyncio.timeout(10):
             status, _, body = await read_answer(reader)
         assert status == 408
@@ -570,6 +596,40 @@ async def test_a_client_body_that_stops_arriving_is_408_not_504(gw: RunningGatew
         writer.close()
         with contextlib.suppress(ConnectionError):
             await writer.wait_closed()
+
+
+async def test_an_upstream_reading_the_body_too_slowly_is_504_not_408(tmp_path: Path) -> None:
+    """The client sent its whole body at once; the upstream takes it slowly past the route's timeout: the upstream
+    was the slow side (504), even though the gateway stopped reading the client meanwhile."""
+    handlers: list[asyncio.StreamWriter] = []
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handlers.append(writer)
+        with contextlib.suppress(ConnectionError):
+            for _ in range(100_000):
+                if not await reader.read(16 * 1024):
+                    break
+                await asyncio.sleep(0.05)  # a slow upstream (its pace is what is under test)
+
+    server = await asyncio.start_server(upstream, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    config = open_route_config(f"http://127.0.0.1:{port}").replace('"}', '", timeout: 1s}', 1)
+    try:
+        async for gw in start_gateway(config, tmp_path):
+            size = 16 * 1024 * 1024
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.ports.proxy_port)
+            writer.write(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size)
+            writer.write(b"x" * size)  # all of it, at once
+            async with asyncio.timeout(15):
+                status, _, body = await read_answer(reader)
+            assert (status, json.loads(body)["error"]) == (504, "gateway_timeout")
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+    finally:
+        server.close()
+        for handler in handlers:
+            handler.close()
 
 
 async def test_upstream_connect_timeout_is_502(tmp_path: Path, http: aiohttp.ClientSession) -> None:

@@ -410,11 +410,12 @@ async def test_an_early_answer_stops_the_upload_and_is_returned() -> None:
         pool.close()
 
 
-@pytest.mark.parametrize("shape", ["one long header", "many headers"])
+@pytest.mark.parametrize("shape", ["one long header", "many headers", "just over"])
 async def test_an_answer_head_over_the_limit_is_refused(shape: str) -> None:
     """An upstream's head is held whole before it is relayed: over MAX_HEAD_BYTES it is a failure, not memory."""
     line = b"X-Big: " + b"a" * (2 * upstream.MAX_HEAD_BYTES) + b"\r\n"
-    lines = line if shape == "one long header" else b"X-Many: aaaaaaaaaaaaaaaa\r\n" * 20_000
+    many = 20_000 if shape == "many headers" else (upstream.MAX_HEAD_BYTES + 4096) // 26  # just over, one read
+    lines = line if shape == "one long header" else b"X-Many: aaaaaaaaaaaaaaaa\r\n" * many
 
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
@@ -459,3 +460,70 @@ async def test_an_answer_to_head_ends_with_its_head_and_its_connection() -> None
         connection.abandon()
         assert connection.closed
         pool.close()
+
+
+async def test_an_early_answer_is_heard_while_the_clients_body_is_stalled() -> None:
+    """The upstream refuses at the head (403) while the gateway waits for the client's next chunk: the answer goes
+    back at once, not at the deadline."""
+    never = asyncio.Event()
+
+    async def stalled() -> AsyncIterator[bytes]:
+        yield b"first part"
+        await never.wait()  # the client sends nothing more
+        yield b"never"
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 2\r\n\r\nno")
+        await reader.read()
+
+    async with RawServer(script) as server:
+        pool = upstream.Pool("127.0.0.1", server.port, None)
+        async with asyncio.timeout(5):
+            assert await fetch(pool, stalled()) == (403, b"no")
+        pool.close()
+
+
+async def test_an_early_answer_is_heard_while_the_upstream_takes_no_more_of_the_body() -> None:
+    """The upstream answers 413 and stops reading: the gateway, waiting for the upstream's socket to drain, hears
+    the answer instead of waiting for ever (or for the deadline)."""
+    answered = asyncio.Event()
+
+    async def endless() -> AsyncIterator[bytes]:
+        while True:
+            yield b"x" * 65536
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await reader.readexactly(1 << 20)  # some of the body, then no more
+        writer.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 3\r\n\r\nbig")
+        answered.set()
+        await asyncio.sleep(30)  # neither reads nor closes; cancelled when the test ends
+
+    async with RawServer(script) as server:
+        pool = upstream.Pool("127.0.0.1", server.port, None)
+        async with asyncio.timeout(10):
+            assert await fetch(pool, endless()) == (413, b"big")
+        assert answered.is_set()
+        pool.close()
+
+
+async def test_a_request_the_upstream_answered_is_not_retried_even_if_the_answer_is_refused() -> None:
+    """Retrying is for a pooled connection that died unanswered; an upstream that answered (here with garbage) got
+    the request and may have acted on it, GET or not."""
+    seen: list[bytes] = []
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await read_request(reader))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        seen.append(await read_request(reader))
+        writer.write(b"SMTP ready\r\n\r\n")
+        with contextlib.suppress(ConnectionError):
+            await reader.read()
+
+    async with RawServer(script) as server:
+        pool = upstream.Pool("127.0.0.1", server.port, None)
+        assert await fetch(pool) == (200, b"ok")
+        with pytest.raises(upstream.UpstreamFailed, match="invalid HTTP"):
+            await fetch(pool)
+        assert len(seen) == 2 and server.connections == 1
