@@ -54,6 +54,27 @@ async def fetch(pool: upstream.Pool, body: AsyncIterator[bytes] | None = None) -
     return response.status, await response.read()
 
 
+def answering(answer: bytes) -> RawServer:
+    """A server that reads one request, writes `answer` and waits for the client to hang up."""
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(answer)
+        with contextlib.suppress(ConnectionError):
+            await reader.read()
+
+    return RawServer(script)
+
+
+async def assert_refused(answer: bytes, match: str) -> None:
+    """Against a server `answering` with these bytes, the client raises UpstreamFailed(match)."""
+    async with answering(answer) as server:
+        pool = upstream.Pool("127.0.0.1", server.port, None)
+        async with asyncio.timeout(5):
+            with pytest.raises(upstream.UpstreamFailed, match=match):
+                await fetch(pool)
+
+
 async def test_keep_alive_connection_is_reused() -> None:
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         for _ in range(3):
@@ -320,16 +341,9 @@ async def test_an_upstream_closing_before_the_answers_head_fails_at_once(sent: b
 
 
 async def test_switching_protocols_to_a_plain_request_is_a_failure() -> None:
-    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nxx")
-        await reader.read()
-
-    async with RawServer(script) as server:
-        pool = upstream.Pool("127.0.0.1", server.port, None)
-        async with asyncio.timeout(5):
-            with pytest.raises(upstream.UpstreamFailed, match="invalid HTTP"):
-                await fetch(pool)
+    await assert_refused(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nxx", "invalid HTTP"
+    )
 
 
 async def test_a_reset_ends_an_unframed_body_as_a_failure_not_as_its_end() -> None:
@@ -369,16 +383,8 @@ async def test_trailer_fields_are_not_merged_into_the_header_section() -> None:
 async def test_a_transfer_coding_other_than_chunked_is_refused(coding: str) -> None:
     """The gateway re-frames bodies itself, so a coding it would silently drop (the bytes still gzipped) is a
     failure, as in nginx."""
-
-    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: %b\r\n\r\n5\r\nhello\r\n0\r\n\r\n" % coding.encode())
-        await reader.read()
-
-    async with RawServer(script) as server:
-        pool = upstream.Pool("127.0.0.1", server.port, None)
-        with pytest.raises(upstream.UpstreamFailed, match="unsupported transfer coding"):
-            await fetch(pool)
+    answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: %b\r\n\r\n5\r\nhello\r\n0\r\n\r\n" % coding.encode()
+    await assert_refused(answer, "unsupported transfer coding")
 
 
 async def test_an_early_answer_stops_the_upload_and_is_returned() -> None:
@@ -416,17 +422,7 @@ async def test_an_answer_head_over_the_limit_is_refused(shape: str) -> None:
     line = b"X-Big: " + b"a" * (2 * upstream.MAX_HEAD_BYTES) + b"\r\n"
     many = 20_000 if shape == "many headers" else (upstream.MAX_HEAD_BYTES + 4096) // 26  # just over, one read
     lines = line if shape == "one long header" else b"X-Many: aaaaaaaaaaaaaaaa\r\n" * many
-
-    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\n" + lines + b"Content-Length: 2\r\n\r\nok")
-        with contextlib.suppress(ConnectionError):
-            await reader.read()
-
-    async with RawServer(script) as server:
-        pool = upstream.Pool("127.0.0.1", server.port, None)
-        with pytest.raises(upstream.UpstreamFailed, match="head is over"):
-            await fetch(pool)
+    await assert_refused(b"HTTP/1.1 200 OK\r\n" + lines + b"Content-Length: 2\r\n\r\nok", "head is over")
 
 
 async def test_a_head_and_a_large_body_in_one_read_are_not_taken_for_a_large_head() -> None:
@@ -444,13 +440,7 @@ async def test_a_head_and_a_large_body_in_one_read_are_not_taken_for_a_large_hea
 async def test_an_answer_to_head_ends_with_its_head_and_its_connection() -> None:
     """llhttp would wait for the body a HEAD answer's Content-Length announces: the answer ends with its head, a
     stray body (a common upstream bug) is dropped with the connection, and header bytes pass as they are."""
-
-    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Name: Jos\xe9\r\n\r\nhello")
-        await reader.read()
-
-    async with RawServer(script) as server:
+    async with answering(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Name: Jos\xe9\r\n\r\nhello") as server:
         pool = upstream.Pool("127.0.0.1", server.port, None)
         head_request = upstream.encode_head("HEAD", "/", [("Host", "x")])
         async with asyncio.timeout(5):
@@ -472,12 +462,7 @@ async def test_an_early_answer_is_heard_while_the_clients_body_is_stalled() -> N
         await never.wait()  # the client sends nothing more
         yield b"never"
 
-    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 2\r\n\r\nno")
-        await reader.read()
-
-    async with RawServer(script) as server:
+    async with answering(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 2\r\n\r\nno") as server:
         pool = upstream.Pool("127.0.0.1", server.port, None)
         async with asyncio.timeout(5):
             assert await fetch(pool, stalled()) == (403, b"no")
