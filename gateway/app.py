@@ -93,10 +93,6 @@ class Runtime:
     refreshers: dict[int, asyncio.Task[None]] = field(default_factory=dict)
     pools: upstream_client.Pools = field(default_factory=upstream_client.Pools)
 
-    @property
-    def clients(self) -> proxy.Clients:
-        return proxy.Clients(self.session, self.pools)
-
     async def install(self, gateway: Gateway) -> None:
         """Fetch keys the new config has not got yet, swap it in, and move the background refreshers over."""
         fresh = [keys for keys in gateway.issuers.values() if id(keys) not in self.refreshers]
@@ -251,9 +247,7 @@ class Handler:
             return
 
         async def forward(route: Route, identity: Identity | None) -> int:
-            await proxy.forward(
-                request, self.runtime.clients, route.upstream, identity, route.metrics.upstream_answered
-            )
+            await proxy.forward(request, self.runtime.pools, route.upstream, identity, route.metrics.upstream_answered)
             return request.status
 
         def refuse(exc: errors.GatewayError) -> int:

@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from urllib.parse import unquote_plus
 
-import aiohttp
 from yarl import URL
 
 from gateway import errors
@@ -155,17 +154,9 @@ def _without_cookie(header: str, name: str) -> str:
     return "; ".join(pair for pair in pairs if pair and pair.partition("=")[0].strip() != name)
 
 
-@dataclass(frozen=True, slots=True)
-class Clients:
-    """The HTTP clients forwarding uses; they outlive config reloads."""
-
-    session: aiohttp.ClientSession  # WebSocket upgrades
-    pools: upstream_client.Pools  # everything else: the lean keep-alive client
-
-
 async def forward(
     request: Request,
-    clients: Clients,
+    pools: upstream_client.Pools,
     upstream: Upstream,
     identity: Identity | None,
     observe: Callable[[float], None] | None = None,
@@ -179,7 +170,7 @@ async def forward(
     request.send_continue()
     body = request.body.chunks() if request.body is not None else None
     started = time.perf_counter()
-    answer, release = await _send(request, clients.pools, upstream, headers, body)
+    answer, release = await _send(request, pools, upstream, headers, body)
     if observe is not None:
         observe(time.perf_counter() - started)
     try:

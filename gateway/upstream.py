@@ -3,7 +3,7 @@
 Why not aiohttp's client here: on this path it cost ~200 µs of CPU per request (request/response objects,
 timers, header normalisation), four times the whole aiohttp server side. This client does one write for a
 bodyless request and parses with llhttp, the parser uvicorn and node use. aiohttp's client still serves what
-this one leaves out: WebSocket upgrades (`one_spelling_each` prepares headers for it). An answer to HEAD
+this one leaves out: WebSocket upgrades (websocket.py). An answer to HEAD
 ends with its head (llhttp cannot be told so, and would wait for the body its Content-Length announces): its
 connection is then closed, not reused.
 
@@ -70,11 +70,11 @@ class Connection(asyncio.Protocol):
         self._error: BaseException | None = None
         self._keep_alive = False
         self.closed = False
-        self._keep_alive_vetoed = False
+        self._keep_alive_vetoed = False  # a request body was cut short, or the answer was to HEAD: no reuse
         self._head_bytes = 0  # read while the answer's head (and interim 1xx heads) was incomplete
         self._head_parsed = 0  # of the header fields parsed: a whole head can come in one read
         self.received = False  # any byte of an answer to the request under way
-        self._to_head = False  # the request is HEAD: the answer has no body, whatever its head announces  # a request body was cut short: the connection cannot take another request
+        self._to_head = False  # the request is HEAD: the answer has no body, whatever its head announces
         self.done = False  # the whole response was read (the connection went back to the pool, or closed)
 
     # asyncio.Protocol
@@ -399,13 +399,6 @@ async def request(
     except BaseException:
         connection.close()
         raise
-
-
-def one_spelling_each(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """The headers with every repeat of a name spelt as its first occurrence, for aiohttp's client: its header merge
-    keys on the spelling, so `x-a: 1` then `X-A: 2` reached the upstream as `X-A: 2` alone."""
-    first: dict[str, str] = {}
-    return [(first.setdefault(name.lower(), name), value) for name, value in headers]
 
 
 def encode_head(method: str, target: str, headers: Iterable[tuple[str, str]], version: str = "1.1") -> bytes:

@@ -14,7 +14,6 @@ from multidict import MultiMapping
 from yarl import URL
 
 from gateway import errors
-from gateway.upstream import one_spelling_each
 
 if TYPE_CHECKING:  # proxy imports the listener, which imports this module
     from gateway.proxy import Upstream
@@ -37,6 +36,13 @@ def is_websocket(headers: MultiMapping[str]) -> bool:
     return "upgrade" in connection and headers.get("Upgrade", "").strip().lower() == "websocket"
 
 
+def _one_spelling_each(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The headers with every repeat of a name spelt as its first occurrence, for aiohttp's client: its header merge
+    keys on the spelling, so `x-a: 1` then `X-A: 2` reached the upstream as `X-A: 2` alone."""
+    first: dict[str, str] = {}
+    return [(first.setdefault(name.lower(), name), value) for name, value in headers]
+
+
 async def relay(
     request: web.BaseRequest,
     session: aiohttp.ClientSession,
@@ -51,7 +57,7 @@ async def relay(
         # method) used to open an upstream WebSocket, leak it, and answer 500.
         raise errors.InvalidRequest("not a valid WebSocket handshake")
     # The client's handshake headers are not passed on: aiohttp makes the upstream handshake with its own.
-    headers = one_spelling_each([(name, value) for name, value in headers if name.lower() not in _WS_HANDSHAKE])
+    headers = _one_spelling_each([(name, value) for name, value in headers if name.lower() not in _WS_HANDSHAKE])
     try:
         async with asyncio.timeout(upstream.timeout):
             upstream_ws = await session.ws_connect(
