@@ -58,6 +58,10 @@ class HeadersTooLarge(InvalidRequest):
     status, description = 431, "request header fields too large"
 
 
+class TargetTooLong(InvalidRequest):
+    status, description = 414, "request target too long"
+
+
 class UnsupportedTransferCoding(InvalidRequest):
     status, description = 501, "no transfer coding but chunked is supported"
 

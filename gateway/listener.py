@@ -96,6 +96,10 @@ class HeadTooLarge(Exception):
     """A request line or header line over the configured limit."""
 
 
+class TargetTooLarge(HeadTooLarge):
+    """A request target over the configured limit (414, not 431)."""
+
+
 class Body:
     """A request body as it arrives: `chunks()` yields it once, waiting for the client as needed."""
 
@@ -188,7 +192,9 @@ class Request:
         self._connection = connection
         self._chunked = False
         self._query: MultiDictProxy[str] | None = None
-        self.raw_path, self.raw_query = _split_target(target, method)
+        self.raw_path, self.raw_query, authority = _split_target(target, method)
+        if authority is not None:  # absolute-form: its authority is the host, whatever Host says (RFC 9112 §3.2.2)
+            self.host = authority
         # Routing sees the percent-decoded path, as aiohttp (yarl) decodes it.
         self.path = self.raw_path if "%" not in self.raw_path else URL.build(path=self.raw_path, encoded=True).path
 
@@ -343,21 +349,22 @@ def _phrase(status: int) -> str:
         return "Unknown"
 
 
-def _split_target(target: str, method: str) -> tuple[str, str]:
-    """(raw path, raw query) of a request-target (RFC 9112 §3.2), as aiohttp's parser splits it."""
+def _split_target(target: str, method: str) -> tuple[str, str, str | None]:
+    """(raw path, raw query, authority of an absolute-form target) of a request-target (RFC 9112 §3.2), as
+    aiohttp's parser splits it."""
     if method == "CONNECT":  # authority-form: a tunnel, which this proxy does not open
         raise errors.InvalidRequest("CONNECT is not supported")
     if target.startswith("/"):
         path = target.partition("#")[0]
         path, _, query = path.partition("?")
-        return path, query
+        return path, query, None
     if target == "*" and method == "OPTIONS":
-        return "*", ""
+        return "*", "", None
     if "://" in target:  # absolute-form
         try:  # yarl parses the authority lazily: a bad port raises on first use
             url = URL(target, encoded=True)
-            if url.raw_host and url.port is not None:
-                return url.raw_path or "/", url.raw_query_string
+            if url.raw_host and url.port is not None and _HOST.fullmatch(url.raw_authority):
+                return url.raw_path or "/", url.raw_query_string, url.raw_authority
         except ValueError:
             pass
     raise errors.InvalidRequest("malformed request target")
@@ -500,7 +507,7 @@ class Connection(asyncio.Protocol):
     def on_url(self, url: bytes) -> None:
         self._url += url
         if len(self._url) > self.listener.max_line:
-            raise HeadTooLarge("request line too long")
+            raise TargetTooLarge("request target too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         size = len(name) + len(value)
@@ -641,7 +648,9 @@ class Connection(asyncio.Protocol):
         if not known:
             log.error("request parsing failed", exc_info=exc)
         error: errors.GatewayError
-        if isinstance(exc, HeadTooLarge):
+        if isinstance(exc, TargetTooLarge):
+            error = errors.TargetTooLong()
+        elif isinstance(exc, HeadTooLarge):
             error = errors.HeadersTooLarge()
         elif isinstance(exc, errors.InvalidRequest):
             error = exc

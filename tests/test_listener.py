@@ -130,12 +130,81 @@ async def test_absolute_form_target_is_routed_by_its_path(gw: RunningGateway, ri
         assert rich_upstream.requests[-1]["raw_path"] == "/abs/path?a=1&b=%20"
 
 
+def private_and_open_hosts(idp: IdP, upstream: RichUpstream) -> str:
+    """A JWT route for the host private.example, then an open route for every other host."""
+    return f"""
+issuers:
+  - name: corp
+    issuer: {ISSUER}
+    jwks_uri: {idp.url}/jwks
+    audiences: [{AUDIENCE}]
+routes:
+  - name: private
+    match: {{host: private.example, path_prefix: /}}
+    upstream: {{url: "{upstream.url}"}}
+    auth: {{mode: jwt, issuers: [corp]}}
+  - name: open
+    match: {{path_prefix: /}}
+    upstream: {{url: "{upstream.url}"}}
+    auth: {{mode: none}}
+"""
+
+
+async def test_absolute_form_target_names_the_host_whatever_host_says(
+    idp: IdP, rich_upstream: RichUpstream, tmp_path: Path
+) -> None:
+    """RFC 9112 §3.2.2: the authority of an absolute-form target is the request's host and Host is ignored, so a
+    Host naming an open route cannot carry a request for a protected host past its route's judge."""
+    config = private_and_open_hosts(idp, rich_upstream)
+    async for running in start_gateway(config, tmp_path):
+        async with connection(running) as (reader, writer):
+            writer.write(b"GET http://private.example/x HTTP/1.1\r\nHost: public.example\r\n\r\n")
+            async with asyncio.timeout(10):
+                status, _, _ = await read_answer(reader)
+            assert status == 401
+            assert rich_upstream.requests == []
+            writer.write(b"GET http://Public.example:8080/y HTTP/1.1\r\nHost: private.example\r\n\r\n")
+            async with asyncio.timeout(10):
+                status, _, _ = await read_answer(reader)
+            assert status == 200
+            assert rich_upstream.requests[-1]["headers"]["X-Forwarded-Host"] == "Public.example:8080"
+        async with connection(running) as (reader, writer):  # HTTP/1.0 without Host: the target names it
+            writer.write(b"GET http://private.example/z HTTP/1.0\r\n\r\n")
+            async with asyncio.timeout(10):
+                status, _, _ = await read_answer(reader)
+            assert status == 401
+
+
+async def test_an_absolute_form_websocket_handshake_is_routed_by_its_authority_too(
+    idp: IdP, rich_upstream: RichUpstream, tmp_path: Path
+) -> None:
+    """aiohttp, which serves WebSocket handshakes, takes the host from an absolute-form target as the listener
+    does."""
+    config = private_and_open_hosts(idp, rich_upstream)
+    handshake = (
+        b"Connection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    async for running in start_gateway(config, tmp_path):
+        async with connection(running) as (reader, writer):
+            writer.write(b"GET http://private.example/ws HTTP/1.1\r\nHost: public.example\r\n" + handshake)
+            async with asyncio.timeout(10):
+                head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 401 ")
+        async with connection(running) as (reader, writer):
+            writer.write(b"GET http://public.example/ws?q=1 HTTP/1.1\r\nHost: private.example\r\n" + handshake)
+            async with asyncio.timeout(10):
+                head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 101 ")
+
+
 @pytest.mark.parametrize(
     ("request_line", "description"),
     [
         ("GET no-slash HTTP/1.1", "malformed HTTP request"),  # refused by llhttp itself
         ("GET http:///no-host HTTP/1.1", "malformed request target"),  # passed by llhttp, refused by us
         ("GET http://h:99999999/x HTTP/1.1", "malformed request target"),
+        ("GET http://user@gw.example/x HTTP/1.1", "malformed request target"),  # userinfo (RFC 9110 §4.2.4)
         ("CONNECT gw.example:443 HTTP/1.1", "CONNECT is not supported"),
         ("GET / HTTP/9.9", "malformed HTTP request"),
     ],
@@ -205,6 +274,26 @@ async def test_ordinary_hosts_pass(host: str, gw: RunningGateway, rich_upstream:
     status, _, _ = await raw_http_request(gw.ports.proxy_port, f"GET /a HTTP/1.1\r\nHost: {host}\r\n")
     assert status != 400
     assert rich_upstream.requests[-1]["headers"]["X-Forwarded-Host"] == host
+
+
+@pytest.mark.parametrize(
+    ("head", "status", "description"),
+    [
+        (b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\nHost: x\r\n", 414, "request target too long"),
+        (b"GET /a HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n", 431, "request header fields too large"),
+    ],
+)
+async def test_a_target_over_the_limit_gets_414_and_a_header_431(
+    head: bytes, status: int, description: str, gw: RunningGateway, rich_upstream: RichUpstream
+) -> None:
+    """RFC 9110 §15.5.15 and RFC 6585 §5: over listen.max_header_bytes (16 KiB by default)."""
+    async with connection(gw) as (reader, writer):
+        writer.write(head + b"\r\n")
+        async with asyncio.timeout(10):
+            answer = await read_answer(reader)
+        assert answer[0] == status and answer[1]["connection"] == "close"
+        assert json.loads(answer[2]) == {"error": "invalid_request", "error_description": description}
+    assert rich_upstream.requests == []
 
 
 async def test_too_many_headers_get_431(gw: RunningGateway, rich_upstream: RichUpstream) -> None:
