@@ -288,7 +288,8 @@ class Request:
         self.status = status
         connection = self._connection
         # An unread body (a refused upload) would be taken for the next request: close after this answer.
-        if connection.closing or (self.body is not None and not self.body.complete):
+        last = connection.closing and not connection.queued and connection.refusal is None
+        if last or (self.body is not None and not self.body.complete):
             self.keep_alive = False
         lines = [f"HTTP/1.1 {status} {reason or _phrase(status)}"]
         lines.extend(f"{name}: {value}" for name, value in headers)
@@ -382,7 +383,7 @@ class Connection(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.remote: str | None = None
         self.lost = False
-        self.closing = False  # no request after the current one (draining)
+        self.closing = False  # no request read after those already read (draining, or a malformed one)
         self.idle_since: float | None = None
         self._url = b""
         self._headers: list[tuple[str, str]] = []
@@ -401,6 +402,7 @@ class Connection(asyncio.Protocol):
         self._fd = -1
         self._upgrade: bytes | None = None  # a WebSocket head waiting for the answers before it
         self._broken = False  # the parser failed: nothing more is read
+        self.refusal: errors.GatewayError | None = None  # its answer, once the requests read before it are answered
         self._lingering = False  # answered and closing: what the client still sends is read and dropped
         self._lingered = 0
         self._linger_timer: asyncio.TimerHandle | None = None
@@ -591,9 +593,11 @@ class Connection(asyncio.Protocol):
             return
         if request.body is not None:
             request.body.discard()  # answered without reading it all: what arrived must not hold reading paused
-        if not request.keep_alive or self.closing:
+        if not request.keep_alive or (self.closing and not self._queue):
             if request.body is not None and not request.body.complete:
                 self._linger()  # the rest of a refused upload may still be on its way
+            elif request.keep_alive and self.refusal is not None:
+                self._refuse(self.refusal)
             else:
                 self.close()
             return
@@ -665,15 +669,27 @@ class Connection(asyncio.Protocol):
         self.hold_reading("malformed", True)
         parsing = self._parsing
         if parsing is not None and parsing.body is not None and not parsing.body.complete:
+            # The request whose body broke is the last one read: its own answer is the refusal.
             parsing.body.fail(errors.InvalidRequest("malformed request body"))
-        if self._current is not None:
-            return  # the request being served answers (its body broke) or finishes; then the connection closes
+        elif self._current is not None:
+            # Pipelined behind requests read whole: they are answered first, in order, then this (RFC 9112 §9.3.2).
+            self.refusal = error
+        if self._current is None:
+            self._refuse(error)
+
+    def _refuse(self, error: errors.GatewayError) -> None:
+        """Answer a request that could not be read, quoting nothing of it, and close."""
         body = json.dumps(error.body()).encode()
         head = f"HTTP/1.1 {error.status} {_phrase(error.status)}\r\nContent-Type: application/json\r\n"
         self.write(f"{head}Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
         self._linger()
 
     # --- used by Request and Body ----------------------------------------------------------------------------
+    @property
+    def queued(self) -> bool:
+        """Pipelined requests wait behind the one being served."""
+        return bool(self._queue)
+
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.lost:
             self._written += len(data)  # before the write: pause_writing may run inside it and count what was taken

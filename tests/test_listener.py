@@ -95,6 +95,49 @@ async def test_pipelined_requests_are_answered_in_order(gw: RunningGateway, rich
         assert second[0] == 200 and json.loads(second[2])["path"] == "/second"
 
 
+@pytest.mark.parametrize(
+    ("garbage", "description"),
+    [
+        (b"GET no-slash HTTP/1.1\r\nHost: x\r\n\r\n", "malformed HTTP request"),
+        (b"GET /c HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n", "request header fields too large"),
+    ],
+    ids=["unparseable", "oversized header"],
+)
+async def test_requests_pipelined_before_a_malformed_one_are_answered_first(
+    garbage: bytes, description: str, gw: RunningGateway, rich_upstream: RichUpstream
+) -> None:
+    """RFC 9112 §9.3.2: answers in the order the requests came, the refusal last, and only it says close."""
+    async with connection(gw) as (reader, writer):
+        writer.write(b"GET /slow?s=0.2 HTTP/1.1\r\nHost: x\r\n\r\nGET /second HTTP/1.1\r\nHost: x\r\n\r\n" + garbage)
+        async with asyncio.timeout(10):
+            first = await read_answer(reader)
+            second = await read_answer(reader)
+            refusal = await read_answer(reader)
+        assert first[0] == 200 and first[2] == b"late" and "connection" not in first[1]
+        assert second[0] == 200 and json.loads(second[2])["path"] == "/second" and "connection" not in second[1]
+        assert refusal[0] in (400, 431) and refusal[1]["connection"] == "close"
+        assert json.loads(refusal[2])["error_description"] == description
+        assert await closed_by_server(reader) == b""
+    assert [r["path"] for r in rich_upstream.requests] == ["/slow?s=0.2", "/second"]
+
+
+async def test_a_pipelined_request_whose_body_breaks_is_refused_once(
+    gw: RunningGateway, rich_upstream: RichUpstream
+) -> None:
+    """Its own answer is the refusal: no second 400 follows it."""
+    async with connection(gw) as (reader, writer):
+        writer.write(
+            b"GET /slow?s=0.2 HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nZZ\r\n"
+        )
+        async with asyncio.timeout(10):
+            first = await read_answer(reader)
+            second = await read_answer(reader)
+        assert first[0] == 200 and first[2] == b"late"
+        assert second[0] == 400 and second[1]["connection"] == "close"
+        assert await closed_by_server(reader) == b""
+
+
 async def test_http_1_0_closes_unless_keep_alive_is_asked(gw: RunningGateway) -> None:
     async with connection(gw) as (reader, writer):
         writer.write(b"GET /a HTTP/1.0\r\n\r\n")
