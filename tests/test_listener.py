@@ -138,6 +138,25 @@ async def test_a_pipelined_request_whose_body_breaks_is_refused_once(
         assert await closed_by_server(reader) == b""
 
 
+async def test_a_draining_gateway_answers_the_requests_it_already_read(
+    rich_upstream: RichUpstream, tmp_path: Path
+) -> None:
+    """A pipelined request read before the drain began is answered too; only the last answer says close."""
+    async for running in start_gateway(open_route_config(rich_upstream.url), tmp_path):
+        async with connection(running) as (reader, writer):
+            writer.write(b"GET /slow?s=0.3 HTTP/1.1\r\nHost: x\r\n\r\nGET /second HTTP/1.1\r\nHost: x\r\n\r\n")
+            async with asyncio.timeout(10):
+                await rich_upstream.slow_started.wait()
+            stopping = asyncio.create_task(running.server.stop())
+            async with asyncio.timeout(10):
+                first = await read_answer(reader)
+                second = await read_answer(reader)
+                assert await closed_by_server(reader) == b""
+                await stopping
+        assert first[0] == 200 and "connection" not in first[1]
+        assert second[0] == 200 and second[1]["connection"] == "close"
+
+
 async def test_http_1_0_closes_unless_keep_alive_is_asked(gw: RunningGateway) -> None:
     async with connection(gw) as (reader, writer):
         writer.write(b"GET /a HTTP/1.0\r\n\r\n")
