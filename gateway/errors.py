@@ -62,6 +62,14 @@ class TargetTooLong(InvalidRequest):
     status, description = 414, "request target too long"
 
 
+class MethodNotImplemented(InvalidRequest):
+    status, description = 501, "request method not supported"
+
+
+class VersionNotSupported(InvalidRequest):
+    status, description = 505, "HTTP version not supported: HTTP/1.1 or HTTP/1.0 only"
+
+
 class UnsupportedTransferCoding(InvalidRequest):
     status, description = 501, "no transfer coding but chunked is supported"
 

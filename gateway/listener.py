@@ -322,8 +322,10 @@ _HOST = re.compile(r"(?:\[[0-9A-Za-z:._~%!$&'()*+,;=-]+\]|[A-Za-z0-9._~!$&'()*+,
 
 
 def _check_head(headers: CIMultiDict[str], version: str) -> None:
-    """What llhttp leaves to us (with on_header's singleton check): Host (RFC 9112 §3.2), and a Transfer-Encoding that does not end in chunked (RFC 9112 §6.3; llhttp finds it only after this head is
+    """What llhttp leaves to us (with on_header's singleton check): the version, Host (RFC 9112 §3.2), and a Transfer-Encoding that does not end in chunked (RFC 9112 §6.3; llhttp finds it only after this head is
     handed on, when the request could already be on its way upstream)."""
+    if version not in ("1.1", "1.0"):  # llhttp passes 0.9 and 2.0 too
+        raise errors.VersionNotSupported()
     host = headers.get("Host")
     if host is None:
         if version == "1.1":
@@ -658,6 +660,10 @@ class Connection(asyncio.Protocol):
             error = errors.HeadersTooLarge()
         elif isinstance(exc, errors.InvalidRequest):
             error = exc
+        elif isinstance(exc, httptools.HttpParserInvalidMethodError):  # a method llhttp does not know
+            error = errors.MethodNotImplemented()
+        elif "Invalid HTTP version" in str(exc):  # llhttp's own words; no error class of its own
+            error = errors.VersionNotSupported()
         else:
             error = errors.InvalidRequest("malformed HTTP request") if known else errors.GatewayError()
         log.info(

@@ -268,7 +268,6 @@ async def test_an_absolute_form_websocket_handshake_is_routed_by_its_authority_t
         ("GET http://h:99999999/x HTTP/1.1", "malformed request target"),
         ("GET http://user@gw.example/x HTTP/1.1", "malformed request target"),  # userinfo (RFC 9110 §4.2.4)
         ("CONNECT gw.example:443 HTTP/1.1", "CONNECT is not supported"),
-        ("GET / HTTP/9.9", "malformed HTTP request"),
     ],
 )
 async def test_unusable_request_lines_get_400_and_the_connection_closes(
@@ -336,6 +335,28 @@ async def test_ordinary_hosts_pass(host: str, gw: RunningGateway, rich_upstream:
     status, _, _ = await raw_http_request(gw.ports.proxy_port, f"GET /a HTTP/1.1\r\nHost: {host}\r\n")
     assert status != 400
     assert rich_upstream.requests[-1]["headers"]["X-Forwarded-Host"] == host
+
+
+@pytest.mark.parametrize(
+    ("request_line", "status", "description"),
+    [
+        ("BREW /a HTTP/1.1", 501, "request method not supported"),  # RFC 9110 §9.1
+        ("GET /a HTTP/9.9", 505, "HTTP version not supported: HTTP/1.1 or HTTP/1.0 only"),  # refused by llhttp
+        ("GET /a HTTP/2.0", 505, "HTTP version not supported: HTTP/1.1 or HTTP/1.0 only"),  # passed by llhttp
+        ("GET /a HTTP/0.9", 505, "HTTP version not supported: HTTP/1.1 or HTTP/1.0 only"),
+    ],
+)
+async def test_unknown_methods_get_501_and_other_http_versions_505(
+    request_line: str, status: int, description: str, gw: RunningGateway, rich_upstream: RichUpstream
+) -> None:
+    async with connection(gw) as (reader, writer):
+        writer.write(f"{request_line}\r\nHost: gw.example\r\n\r\n".encode())
+        async with asyncio.timeout(10):
+            answer = await read_answer(reader)
+        assert answer[0] == status and answer[1]["connection"] == "close"
+        assert json.loads(answer[2]) == {"error": "invalid_request", "error_description": description}
+        assert await closed_by_server(reader) == b""
+    assert rich_upstream.requests == []
 
 
 @pytest.mark.parametrize(
