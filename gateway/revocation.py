@@ -195,13 +195,15 @@ class RevocationCheck:
         if identity.long_lived and identity.token_id is None:
             self._no_jti.inc()
             raise MissingTokenId()
+        # A stale mirror still knows what was revoked before it went stale: only what it cannot have heard of is
+        # left to on_unavailable.
+        if self.mirror.is_revoked(identity):
+            self._revoked.inc()
+            raise errors.Revoked()
         if self.mirror.age() > self.max_staleness:
             if not fail_open:
                 self._closed.inc()
                 raise RevocationUnavailable()
             self._open.inc()
             return
-        if self.mirror.is_revoked(identity):
-            self._revoked.inc()
-            raise errors.Revoked()
         self._ok.inc()

@@ -266,16 +266,23 @@ async def test_redis_outage_under_both_policies_and_healing(
     http: aiohttp.ClientSession,
 ) -> None:
     token = long_lived(rsa_key, jti="outage-1")
+    revoked = long_lived(rsa_key, jti="outage-revoked")
     short = rsa_key.sign()
     async for gw in start_gateway(config(idp, upstream, private_redis.url, "gw:"), tmp_path):
         await until(_ready, http, gw)
         assert gw.metric("gateway_store_up") == 1
+        code, _ = await admin(http, gw, "POST", "/admin/revocations", json={"jti": "outage-revoked"})
+        assert code == 201
+        await until(_status_is, http, gw, "/open", revoked, 401)
         private_redis.stop()
         await until(_status_is, http, gw, "/closed", token, 503)
         async with http.get(f"{gw.url}/closed", headers={"Authorization": f"Bearer {token}"}) as resp:
             assert resp.status == 503 and resp.headers["Retry-After"].isdigit()
             assert (await resp.json())["error"] == "temporarily_unavailable"
         assert await status(http, gw, "/open", token) == 200, "fail_open serves, and counts it"
+        # What the stale mirror knows was revoked stays refused, whichever the policy.
+        assert await status(http, gw, "/open", revoked) == 401
+        assert await status(http, gw, "/closed", revoked) == 401
         assert gw.metric("gateway_revocation_checks_total", result="stale_open") >= 1
         assert await status(http, gw, "/closed", short) == 200, "tokens needing no check are unaffected"
         assert gw.metric("gateway_store_up") == 0
