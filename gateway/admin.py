@@ -16,9 +16,13 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from gateway import jsontext
 from gateway.app import Runtime, readiness
+from gateway.config import GATEWAY_ISSUER_NAME
 from gateway.metrics import exposition
 from gateway.oauth import discovery_response, jwks_response
 from gateway.revoke import RevokeRequest, describe
@@ -39,6 +43,7 @@ log = logging.getLogger(__name__)
 RUNTIME = web.AppKey("runtime", Runtime)
 ADMIN_TOKEN = web.AppKey("admin_token", str)
 MAX_PAGE = 1000
+MAX_OFFSET = 1_000_000_000  # Redis takes 64-bit offsets: a longer one is a refusal, not an outage
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -77,29 +82,40 @@ async def _require_admin_token(request: web.Request, handler: Handler) -> web.St
     if not expected:
         return problem(403, "admin_disabled", "the admin API is disabled: set the admin token (admin.token_env)")
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected.encode()):
+    # surrogateescape: header bytes that are not UTF-8 arrive as lone surrogates, which plain encode() refuses
+    presented = given.strip().encode("utf-8", "surrogateescape")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(presented, expected.encode()):
         response = problem(401, "unauthorized", "a valid admin token is required")
         response.headers["WWW-Authenticate"] = 'Bearer realm="gateway-admin"'
         return response
     try:
         return await handler(request)
-    except (RedisError, OSError) as exc:
-        # Nothing was changed if the store could not be reached: say so, and that retrying is right.
+    except (RedisTimeoutError, TimeoutError) as exc:
+        # Sent, perhaps carried out, not answered: retrying blindly could mint a second token.
+        log.warning("admin request failed: store timed out", extra={"path": request.path, "error": type(exc).__name__})
+        description = "the store (Redis) did not answer in time; the change may have been made: look before retrying"
+        response = problem(503, "store_unavailable", description)
+    except (RedisConnectionError, OSError) as exc:
         log.warning(
             "admin request failed: store unreachable", extra={"path": request.path, "error": type(exc).__name__}
         )
         response = problem(503, "store_unavailable", "the store (Redis) is unreachable; nothing was changed")
-        response.headers["Retry-After"] = "5"
-        return response
+    except RedisError as exc:  # READONLY during a failover, ...: answered, so not unreachable
+        log.warning("admin request failed: store refused it", extra={"path": request.path, "error": type(exc).__name__})
+        response = problem(503, "store_unavailable", f"the store (Redis) refused the request ({type(exc).__name__})")
+    response.headers["Retry-After"] = "5"
+    return response
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:
     """The request's JSON object body, or a 400 that says what is wrong with it."""
     try:
-        body = await request.json(loads=json.loads)
-    except (ValueError, UnicodeDecodeError):
+        body = await request.json(loads=jsontext.loads)
+    except ValueError as exc:  # UnicodeDecodeError is one
+        # jsontext's own refusals (NaN, a repeated key, too deep) say what is wrong; the parser's quote the body.
+        detail = "" if isinstance(exc, json.JSONDecodeError | UnicodeDecodeError) else f": {exc}"
         raise web.HTTPBadRequest(
-            text=json.dumps({"error": "invalid_request", "error_description": "the body is not valid JSON"}),
+            text=json.dumps({"error": "invalid_request", "error_description": "the body is not valid JSON" + detail}),
             content_type="application/json",
         ) from None
     if not isinstance(body, dict):
@@ -119,10 +135,13 @@ def page_params(request: web.Request) -> tuple[int, int]:
             text=json.dumps({"error": "invalid_request", "error_description": "offset and limit must be integers"}),
             content_type="application/json",
         ) from None
-    if offset < 0 or not 1 <= limit <= MAX_PAGE:
+    if not 0 <= offset <= MAX_OFFSET or not 1 <= limit <= MAX_PAGE:
         raise web.HTTPBadRequest(
             text=json.dumps(
-                {"error": "invalid_request", "error_description": f"offset >= 0 and 1 <= limit <= {MAX_PAGE}"}
+                {
+                    "error": "invalid_request",
+                    "error_description": f"0 <= offset <= {MAX_OFFSET} and 1 <= limit <= {MAX_PAGE}",
+                }
             ),
             content_type="application/json",
         )
@@ -155,7 +174,10 @@ async def _revoke(request: web.Request) -> web.Response:
         return problem(400, "invalid_request", describe(exc))
     if not _known_issuer(runtime, ask.issuer):
         return problem(400, "invalid_request", f"issuer: unknown issuer '{ask.issuer}'")
-    revocation = ask.revocation()
+    try:
+        revocation = ask.revocation()
+    except ValueError as exc:
+        return problem(400, "invalid_request", str(exc))
     await runtime.store.add(revocation)
     log.info("revoked", extra={"kind": revocation.kind, "issuer": revocation.issuer, "reason": ask.reason})
     return web.json_response({"revoked": revocation.as_json()}, status=201)
@@ -179,7 +201,11 @@ async def _unrevoke(request: web.Request) -> web.Response:
     if ("jti" in query) == ("subject" in query) or not (query.get("jti") or query.get("subject")):
         return problem(400, "invalid_request", "give exactly one of ?jti= or ?subject= (and optionally &issuer=)")
     kind: Kind = "jti" if "jti" in query else "subject"
-    removed = await request.app[RUNTIME].store.remove(kind, query[kind], query.get("issuer") or None)
+    runtime = request.app[RUNTIME]
+    issuer = query.get("issuer") or None
+    if kind == "jti" and issuer in (None, GATEWAY_ISSUER_NAME) and await runtime.tokens.revoked_for_good(query["jti"]):
+        return problem(409, "conflict", "a token the gateway minted and revoked stays revoked: mint a new one")
+    removed = await runtime.store.remove(kind, query[kind], issuer)
     if not removed:
         return problem(404, "not_found", f"no such {kind} revocation")
     log.info("revocation undone", extra={"kind": kind, "issuer": query.get("issuer")})

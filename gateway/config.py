@@ -8,6 +8,7 @@ cross-references) lives in `configfile.py`.
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from typing import Annotated, Any, Literal
 
@@ -24,21 +25,25 @@ from pydantic import (
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+MAX_DURATION = 100 * 365 * 86400.0  # longer is a typo; and NaN or Infinity would slip through every comparison
 
 
 def parse_duration(value: Any) -> float:
     """'500ms', '30s', '15m', '1h', '365d' (or a bare number of seconds) -> seconds as float."""
-    if isinstance(value, bool):
-        raise ValueError("expected a duration such as 500ms, 30s, 15m, 1h or 365d")
-    if isinstance(value, int | float):
+    seconds: float | None = None
+    if isinstance(value, int | float) and not isinstance(value, bool) and value == value:  # NaN != NaN
         if value < 0:
             raise ValueError("a duration cannot be negative")
-        return float(value)
-    if isinstance(value, str):
+        seconds = float(value) if value <= MAX_DURATION else math.inf  # a huge int would overflow float()
+    elif isinstance(value, str):
         match = _DURATION.match(value)
         if match:
-            return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-    raise ValueError(f"expected a duration such as 500ms, 30s, 15m, 1h or 365d, got {value!r}")
+            seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    if seconds is None:
+        raise ValueError(f"expected a duration such as 500ms, 30s, 15m, 1h or 365d, got {value!r}")
+    if seconds > MAX_DURATION:
+        raise ValueError("a duration of more than 100 years")
+    return seconds
 
 
 Duration = Annotated[
@@ -153,7 +158,11 @@ class IssuerSettings(Model):
     algorithms: tuple[Algorithm | HmacAlgorithm, ...] = Field(
         ("RS256", "ES256"), description="Allowed `alg` values; `none` is never accepted.", min_length=1
     )
-    leeway: Duration = Field(30.0, description="Clock skew allowed on exp, nbf and iat.")
+    leeway: Duration = Field(
+        30.0,
+        le=300,  # a revocation outlives its token's exp by 300 s (token_records.REVOCATION_MARGIN)
+        description="Clock skew allowed on exp, nbf and iat (at most 5m).",
+    )
     require_typ: str | None = Field(None, description="Required `typ` header, e.g. at+jwt (RFC 9068).")
     max_lifetime: Duration | None = Field(None, description="Refuse tokens whose exp - iat exceeds this.")
     long_lived_after: Duration = Field(

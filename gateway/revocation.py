@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from typing import Literal
 
@@ -79,7 +80,10 @@ class Mirror:
             change = json.loads(notice)
             table = self.jtis if change["kind"] == "jti" else self.subjects
             if change["op"] == "add":
-                table[str(change["member"])] = float(change["until"])
+                until = float(change["until"])
+                if not math.isfinite(until):  # NaN would make a subject's cut-off compare false both ways
+                    raise ValueError(until)
+                table[str(change["member"])] = until
             else:
                 table.pop(str(change["member"]), None)
         except (ValueError, KeyError, TypeError):
@@ -97,7 +101,7 @@ class Mirror:
         try:
             jtis, subjects = await self.store.snapshot()
             replay, self._replay = self._replay, None
-            self.jtis, self.subjects = jtis, subjects
+            self.jtis, self.subjects = jtis, {s: t for s, t in subjects.items() if math.isfinite(t)}
             for notice in replay:
                 self.apply(notice)
         finally:

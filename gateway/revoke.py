@@ -9,30 +9,29 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from gateway.store import Revocation
+from gateway.token_records import REVOCATION_MARGIN
 
-# A revoked jti whose token's exp is not given is kept this long: longer than any token the gateway would mint.
-DEFAULT_JTI_RETENTION = 400 * 86400.0
+# A revoked jti whose token's exp is not given is kept for good: whatever it outlived, it must not come back.
+FOREVER = 253402300799.0  # 9999-12-31T23:59:59Z, the last time ISO 8601 and every store can write
 
 
 def parse_time(value: Any) -> float:
-    """Unix seconds, or an ISO 8601 date-time (with a zone, or UTC if none)."""
-    if isinstance(value, bool):
-        raise ValueError("expected unix seconds or an ISO 8601 time")
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str):
+    """Unix seconds, or an ISO 8601 date-time (with a zone, or UTC if none), between 1970 and 9999."""
+    seconds: float | None = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value) if -FOREVER <= value <= FOREVER else None  # NaN too; a huge int overflows float()
+    elif isinstance(value, str):
         try:
-            return float(value)
+            seconds = float(value)
         except ValueError:
-            pass
-        try:
-            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
-            raise ValueError(f"expected unix seconds or an ISO 8601 time, got {value!r}") from None
-        if parsed.tzinfo is None:
-            parsed = parsed.replace(tzinfo=UTC)
-        return parsed.timestamp()
-    raise ValueError("expected unix seconds or an ISO 8601 time")
+            try:
+                parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            except ValueError:
+                raise ValueError(f"expected unix seconds or an ISO 8601 time, got {value!r}") from None
+            seconds = (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
+    if seconds is None or not 0 <= seconds <= FOREVER:  # NaN fails every comparison
+        raise ValueError("expected unix seconds or an ISO 8601 time between 1970 and 9999")
+    return seconds
 
 
 Time = Annotated[float, BeforeValidator(parse_time)]
@@ -60,9 +59,16 @@ class RevokeRequest(BaseModel):
         return self
 
     def revocation(self, now: float | None = None) -> Revocation:
+        """What the store keeps; ValueError when there is nothing left to revoke."""
         now = time.time() if now is None else now
         if self.jti is not None:
-            return Revocation("jti", self.jti, self.expires_at or now + DEFAULT_JTI_RETENTION, self.issuer)
+            if self.expires_at is None:
+                return Revocation("jti", self.jti, FOREVER, self.issuer)
+            # Kept past exp for as long as any verifier's leeway could still accept the token.
+            until = min(self.expires_at + REVOCATION_MARGIN, FOREVER)
+            if until <= now:
+                raise ValueError("expires_at: the token expired long enough ago to be refused anyway")
+            return Revocation("jti", self.jti, until, self.issuer)
         assert self.subject is not None  # noqa: S101 - guaranteed by _one_target
         return Revocation("subject", self.subject, self.before if self.before is not None else now, self.issuer)
 

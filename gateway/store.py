@@ -79,6 +79,7 @@ class RevocationStore(Protocol):
     async def remove(self, kind: Kind, value: str, issuer: str | None) -> bool: ...
     async def snapshot(self) -> Snapshot: ...
     async def page(self, kind: Kind, offset: int, limit: int) -> list[Revocation]: ...
+    async def subject_cutoff(self, subject: str, issuer: str) -> float: ...
     async def close(self) -> None: ...
 
 
@@ -187,6 +188,11 @@ class RedisStore:
         subjects = await self.client.hgetall(self.sub_key)
         ordered = sorted((str(m), float(v)) for m, v in subjects.items())[offset : offset + limit]
         return [parse_member("subject", m, v) for m, v in ordered]
+
+    async def subject_cutoff(self, subject: str, issuer: str) -> float:
+        """The latest cut-off revoking `issuer`'s tokens of `subject` (0: none)."""
+        cutoffs = await self.client.hmget(self.sub_key, [member(subject, None), member(subject, issuer)])
+        return max((float(c) for c in cutoffs if c is not None), default=0.0)
 
     def token_key(self, jti: str) -> str:
         return f"{self.prefix}token:{jti}"
@@ -299,6 +305,9 @@ class MemoryStore:
         else:
             rows = sorted(self.subjects.items())
         return [parse_member(kind, m, v) for m, v in rows[offset : offset + limit]]
+
+    async def subject_cutoff(self, subject: str, issuer: str) -> float:
+        return max(self.subjects.get(member(subject, None), 0.0), self.subjects.get(member(subject, issuer), 0.0))
 
     async def put_token(
         self, jti: str, fields: Mapping[str, str], created_at: float, purge_at: float, family: str | None, exp: float

@@ -18,12 +18,15 @@ token), served on the proxy listener before route matching, in `oauth.py`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import jwt
@@ -52,6 +55,7 @@ from gateway.token_records import (
     TokenRecord,
     human,
     token_sha256,
+    valid_jti,
 )
 from gateway.usage import UsageTracker
 from gateway.verify.keys import KeySet
@@ -119,19 +123,20 @@ class TokenService:
         now = self._clock() if now is None else now
         settings = issuer.settings
         lifetime = settings.default_lifetime if ask.lifetime is None else ask.lifetime
-        if lifetime <= 0:
-            raise MintError("lifetime: must be longer than 0s")
+        if lifetime < 1:  # exp and iat are whole seconds: shorter would be dead on arrival
+            raise MintError("lifetime: must be 1s or longer")
         if lifetime > settings.max_lifetime:
             raise MintError(
                 f"lifetime: {human(lifetime)} is longer than tokens.max_lifetime ({human(settings.max_lifetime)})"
             )
+        now = await self._after_cutoff(ask.subject, now)
         jti = _new_jti()
         minted = await self._mint(
             issuer,
             kind=ask.kind,
             jti=jti,
             subject=ask.subject,
-            audiences=ask.audience or settings.audiences,
+            audiences=tuple(dict.fromkeys(ask.audience or settings.audiences)),
             scopes=tuple(dict.fromkeys(ask.scopes)),
             extra=ask.claims,
             note=ask.note,
@@ -143,6 +148,21 @@ class TokenService:
         )
         log.info("token minted", extra={"jti": jti, "kind": ask.kind, "subject": ask.subject})
         return minted
+
+    async def _after_cutoff(self, subject: str, now: float) -> float:
+        """`now`, or the first whole second after the subject's revocation cut-off when that fell in this second.
+
+        iat is whole seconds: a token minted in the second a subject was revoked, after the revocation, would
+        carry an iat before the cut-off and be refused as revoked. So minting waits for the next second (under
+        1 s); a cut-off further ahead (a subject barred until then) is refused."""
+        cutoff = await self.store.subject_cutoff(subject, GATEWAY_ISSUER_NAME)
+        if int(now) >= cutoff:
+            return now
+        if cutoff - now > 1:
+            barred = datetime.fromtimestamp(cutoff, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            raise MintError(f"subject: its tokens issued before {barred} are revoked; mint after that")
+        await asyncio.sleep(math.ceil(cutoff) - now)
+        return max(self._clock(), float(math.ceil(cutoff)))
 
     async def _mint(
         self,
@@ -186,6 +206,12 @@ class TokenService:
         )
         await self.store.put_token(jti, record.fields(), now, exp + TOKEN_RETENTION, family, float(exp))
         return Minted(token, record)
+
+    async def revoked_for_good(self, jti: str) -> bool:
+        """A minted token revoked through `revoke`: its metadata says so, and a refresh key's family went with it,
+        so undoing only its revocation entry would leave the two disagreeing."""
+        record = await self.show(jti) if valid_jti(jti) else None
+        return record is not None and record.revoked_at is not None
 
     async def show(self, jti: str) -> TokenRecord | None:
         raw = await self.store.get_token(jti)
@@ -285,6 +311,8 @@ class TokenService:
             raise OAuthError("invalid_grant", "the refresh key is not known to this gateway")
         if record.revoked_at is not None:
             raise OAuthError("invalid_grant", "the refresh key has been revoked")
+        if record.expires_at <= now:  # the leeway is for the key's signature check, not for a longer life
+            raise OAuthError("invalid_grant", "the refresh key has expired")
         scopes = _narrow(record.scopes, form.get("scope"))
         if self.usage is not None:
             self.usage.record(jti, client, user_agent)

@@ -83,6 +83,10 @@ ERROR_CASES = [
     # (replace this, with this) in MINIMAL -> a problem that contains this text
     (("issuers: [corp]", "issuers: [corp, nope]"), "routes[0].auth.issuers[1]: unknown issuer 'nope' (known: corp)"),
     (("audiences: [api]", "audiences: [api]\n    leeway: soon"), "issuers[0].leeway: expected a duration"),
+    (("audiences: [api]", "audiences: [api]\n    leeway: 10m"), "issuers[0].leeway: Input should be less than"),
+    (("audiences: [api]", "audiences: [api]\n    leeway: .nan"), "issuers[0].leeway: expected a duration"),
+    (("audiences: [api]", "audiences: [api]\n    long_lived_after: .inf"), "a duration of more than 100 years"),
+    (("audiences: [api]", "audiences: [api]\n    long_lived_after: 36501d"), "a duration of more than 100 years"),
     (("mode: jwt", "mode: jwtt"), "routes[0].auth.mode: Input should be"),
     (("match: {path_prefix: /}", "match: {path_prefix: /, verb: GET}"), "routes[0].match.verb: unknown field"),
     (("match: {path_prefix: /}", "match: {methods: [GET]}"), "routes[0].match: exactly one of path"),

@@ -173,6 +173,14 @@ BAD_REQUESTS = [
     ({"subject": "s", "expires_at": "soon"}, "expires_at"),
     ({"jti": "a", "colour": "red"}, "colour"),
     ({"jti": 5}, "jti"),
+    # NaN compares false both ways: as a cut-off it revoked nothing and, beside a real one, cancelled it
+    ({"subject": "s", "before": "nan"}, "before: expected unix seconds or an ISO 8601 time between 1970 and 9999"),
+    ({"subject": "s", "before": float("nan")}, "the body is not valid JSON: NaN is not JSON"),
+    ({"jti": "a", "expires_at": "inf"}, "expires_at: expected unix seconds or an ISO 8601 time between 1970"),
+    ({"jti": "a", "expires_at": 10**400}, "expires_at: expected unix seconds or an ISO 8601 time between 1970"),
+    ({"jti": "a", "expires_at": -1}, "expires_at: expected unix seconds or an ISO 8601 time between 1970"),
+    # An entry pruned at the next sync would revoke for a few seconds, then lapse
+    ({"jti": "a", "expires_at": "2020-01-01T00:00:00Z"}, "expires_at: the token expired long enough ago"),
 ]
 
 
@@ -195,8 +203,57 @@ async def test_admin_api_needs_the_admin_token(memory_gw: RunningGateway, http: 
     assert code == 400 and "JSON object" in body["error_description"]
     code, body = await admin(http, memory_gw, "GET", "/admin/revocations?limit=0")
     assert code == 400
+    code, body = await admin(http, memory_gw, "GET", "/admin/revocations?offset=99999999999999999999")
+    assert code == 400 and "offset" in body["error_description"]
     code, listing = await admin(http, memory_gw, "GET", "/admin/revocations")
     assert code == 200 and listing == {"items": [], "next_offset": None}
+
+
+async def test_an_admin_token_that_is_not_utf_8_is_refused_not_a_500(memory_gw: RunningGateway) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", memory_gw.ports.admin_port)
+    writer.write(b"GET /admin/revocations HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\n\r\n")
+    async with asyncio.timeout(10):
+        status_line = await reader.readline()
+    writer.close()
+    assert status_line.startswith(b"HTTP/1.1 401 "), status_line
+
+
+async def test_revocations_kept_past_exp_by_the_longest_leeway(
+    memory_gw: RunningGateway, http: aiohttp.ClientSession
+) -> None:
+    """A verifier still accepts a token for its leeway (at most 5m) past exp: the entry outlives exp by that."""
+    exp = time.time() + 60
+    code, answer = await admin(http, memory_gw, "POST", "/admin/revocations", json={"jti": "j-1", "expires_at": exp})
+    assert code == 201 and answer["revoked"]["expires_at"] == exp + 300
+    code, answer = await admin(http, memory_gw, "POST", "/admin/revocations", json={"jti": "j-2"})
+    assert code == 201 and answer["revoked"]["expires_at"] == 253402300799.0, "no exp given: kept for good"
+    # Expired, but within the longest leeway: still worth revoking.
+    code, _ = await admin(
+        http, memory_gw, "POST", "/admin/revocations", json={"jti": "j-3", "expires_at": time.time() - 60}
+    )
+    assert code == 201
+
+
+async def test_a_subject_cut_off_that_is_not_a_number_is_ignored_by_the_mirror(redis_url: str, key_prefix: str) -> None:
+    """Written before input was checked (or by hand): NaN beside a real cut-off once cancelled it."""
+    from gateway.identity import Identity
+    from gateway.metrics import Metrics
+    from gateway.revocation import Mirror
+
+    store = RedisStore(connect_redis(StoreSettings(redis_url=redis_url)), key_prefix)
+    try:
+        await store.client.hset(store.sub_key, "victim", "nan")
+        await store.add(Revocation("subject", "victim", time.time(), "corp"))
+        mirror = Mirror(store, Metrics(), resync_interval=3600, max_staleness=5)
+        await mirror.full_sync()
+        mirror.apply(json.dumps({"op": "add", "kind": "subject", "member": "victim", "until": "nan"}))
+        issued = Identity(
+            subject="victim", scopes=frozenset(), claims={}, issuer="corp", source="jwt", issued_at=time.time() - 60
+        )
+        assert mirror.is_revoked(issued)
+    finally:
+        await store.client.delete(store.sub_key)
+        await store.close()
 
 
 async def test_admin_api_is_disabled_without_a_token(
@@ -410,7 +467,7 @@ async def test_cli_against_redis_with_no_gateway_running(
     path.write_text(config(idp, upstream, redis_url, key_prefix))
     done = _cli("revoke", "--jti", "cli-1", "--expires-at", "2099-01-01T00:00:00Z", config_path=path)
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["revoked"]["expires_at"] == 4070908800.0
+    assert json.loads(done.stdout)["revoked"]["expires_at"] == 4070908800.0 + 300, "exp, and the longest leeway"
     done = _cli("revoke", "--subject", "eve", "--before", "1700000000", "--issuer", "corp", config_path=path)
     assert done.returncode == 0, done.stderr
     listed = _cli("revocations", "list", "--kind", "subject", config_path=path)

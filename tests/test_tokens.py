@@ -385,7 +385,11 @@ BAD_MINTS = [
     ({}, "subject: Field required"),
     ({"subject": "a", "lifetime": "400d"}, "lifetime: 400d is longer than tokens.max_lifetime (365d)"),
     ({"subject": "a", "lifetime": "soon"}, "lifetime: expected a duration"),
-    ({"subject": "a", "lifetime": "0s"}, "lifetime: must be longer than 0s"),
+    ({"subject": "a", "lifetime": "0s"}, "lifetime: must be 1s or longer"),
+    ({"subject": "a", "lifetime": 0.4}, "lifetime: must be 1s or longer"),  # exp == iat: dead on arrival
+    ({"subject": "a", "lifetime": 10**400}, "lifetime: a duration of more than 100 years"),
+    ({"subject": "a", "lifetime": float("nan")}, "the body is not valid JSON: NaN is not JSON"),
+    ({"subject": "a", "claims": {"x": float("inf")}}, "the body is not valid JSON: Infinity is not JSON"),
     ({"subject": "a", "claims": {"iss": "https://evil/"}}, "claims: iss reserved"),
     ({"subject": "a", "claims": {"scope": "admin", "exp": 1}}, "claims: exp, scope reserved"),
     ({"subject": "a", "claims": ["team"]}, "claims: Input should be a valid dictionary"),
@@ -397,6 +401,54 @@ BAD_MINTS = [
     ({"subject": 7}, "subject: Input should be a valid string"),
     ({"subject": "a", "note": "x" * 2000}, "note"),
 ]
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b'{"subject": "a", "subject": "root"}', "the key 'subject' appears more than once"),
+        (b'{"subject": "a", "claims": ' + b'{"x": ' * 3000 + b"1" + b"}" * 3001, "JSON nested too deeply"),
+        (b'{"subject": "\xff"}', "the body is not valid JSON"),
+    ],
+    ids=["repeated key", "deep", "not UTF-8"],
+)
+async def test_mint_bodies_that_are_not_plain_json_get_400(
+    gw: RunningGateway, http: aiohttp.ClientSession, raw: bytes, message: str
+) -> None:
+    headers = {"Content-Type": "application/json"}
+    code, answer = await admin(http, gw, "POST", "/admin/tokens", data=raw, headers=headers)
+    assert code == 400 and answer["error_description"].startswith("the body is not valid JSON")
+    assert message in answer["error_description"]
+    _, listing = await admin(http, gw, "GET", "/admin/tokens")
+    assert listing["items"] == [], "nothing was minted"
+
+
+async def test_a_token_minted_right_after_its_subject_was_revoked_works(
+    gw: RunningGateway, http: aiohttp.ClientSession
+) -> None:
+    """iat is whole seconds: minted in the cut-off's second, a token would count as issued before it."""
+    old, _ = await mint(http, gw, subject="rotated-bot", scopes="tools:read")
+    code, _ = await admin(http, gw, "POST", "/admin/revocations", json={"subject": "rotated-bot"})
+    assert code == 201
+    new, _ = await mint(http, gw, subject="rotated-bot", scopes="tools:read")
+    assert await use(http, gw, old) == 401
+    assert await use(http, gw, new) == 200
+    barred_until = time.time() + 3600  # a cut-off ahead: whatever is minted before it is refused
+    code, _ = await admin(http, gw, "POST", "/admin/revocations", json={"subject": "barred", "before": barred_until})
+    assert code == 201
+    code, answer = await admin(http, gw, "POST", "/admin/tokens", json={"subject": "barred"})
+    assert code == 400 and "its tokens issued before" in answer["error_description"]
+
+
+async def test_a_minted_token_revoked_stays_revoked(gw: RunningGateway, http: aiohttp.ClientSession) -> None:
+    """Its metadata says revoked (and a refresh key's family went with it): removing the entry alone is refused."""
+    token, meta = await mint(http, gw)
+    code, _ = await admin(http, gw, "DELETE", f"/admin/tokens/{meta['jti']}")
+    assert code == 200
+    for query in (f"jti={meta['jti']}", f"jti={meta['jti']}&issuer=gateway"):
+        code, answer = await admin(http, gw, "DELETE", f"/admin/revocations?{query}")
+        assert code == 409 and "mint a new one" in answer["error_description"]
+    assert await use(http, gw, token) == 401
 
 
 @pytest.mark.parametrize(("body", "message"), BAD_MINTS)
@@ -516,6 +568,10 @@ async def test_token_endpoint_errors_follow_rfc6749(
         expired = await service.mint(
             issuer, MintRequest(subject="s", kind="refresh", lifetime="1d"), time.time() - 2 * DAY
         )
+        # Expired 5 s ago: within the signature check's leeway, but a key's life ends at its exp.
+        just_expired = await service.mint(
+            issuer, MintRequest(subject="s", kind="refresh", lifetime="1d"), time.time() - DAY - 5
+        )
         now = int(time.time())
         stranger = signing.Signer([signing.signing_key(signing.generate("ES256"))])
         foreign = stranger.sign(
@@ -533,6 +589,7 @@ async def test_token_endpoint_errors_follow_rfc6749(
             ({"grant_type": "refresh_token", "refresh_token": foreign}, "invalid_grant", "not signed by this gateway"),
             ({"grant_type": "refresh_token", "refresh_token": unknown}, "invalid_grant", "not known"),
             ({"grant_type": "refresh_token", "refresh_token": expired.token}, "invalid_grant", "expired"),
+            ({"grant_type": "refresh_token", "refresh_token": just_expired.token}, "invalid_grant", "expired"),
             ({"grant_type": "refresh_token", "refresh_token": expired.token, "scope": ""}, "invalid_grant", "expired"),
             ("grant_type=refresh_token&grant_type=refresh_token&refresh_token=x", "invalid_request", "repeated"),
         ]
