@@ -265,7 +265,7 @@ async def _list_tokens(request: web.Request) -> web.Response:
 
 async def _show_token(request: web.Request) -> web.Response:
     jti = request.match_info["jti"]
-    record = await request.app[RUNTIME].tokens.show(jti) if valid_jti(jti) else None
+    record = await request.app[RUNTIME].tokens.describe(jti) if valid_jti(jti) else None
     if record is None:
         return problem(404, "not_found", "no such token")
     return web.json_response(record.as_json(time.time()))

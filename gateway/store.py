@@ -80,6 +80,7 @@ class RevocationStore(Protocol):
     async def snapshot(self) -> Snapshot: ...
     async def page(self, kind: Kind, offset: int, limit: int) -> list[Revocation]: ...
     async def subject_cutoff(self, subject: str, issuer: str) -> float: ...
+    async def subject_cutoffs(self) -> dict[str, float]: ...
     async def close(self) -> None: ...
 
 
@@ -193,6 +194,10 @@ class RedisStore:
         """The latest cut-off revoking `issuer`'s tokens of `subject` (0: none)."""
         cutoffs = await self.client.hmget(self.sub_key, [member(subject, None), member(subject, issuer)])
         return max((float(c) for c in cutoffs if c is not None), default=0.0)
+
+    async def subject_cutoffs(self) -> dict[str, float]:
+        """Every subject revocation, by member (few: one per offboarded user or leaked credential family)."""
+        return {str(m): float(v) for m, v in (await self.client.hgetall(self.sub_key)).items()}
 
     def token_key(self, jti: str) -> str:
         return f"{self.prefix}token:{jti}"
@@ -308,6 +313,9 @@ class MemoryStore:
 
     async def subject_cutoff(self, subject: str, issuer: str) -> float:
         return max(self.subjects.get(member(subject, None), 0.0), self.subjects.get(member(subject, issuer), 0.0))
+
+    async def subject_cutoffs(self) -> dict[str, float]:
+        return dict(self.subjects)
 
     async def put_token(
         self, jti: str, fields: Mapping[str, str], created_at: float, purge_at: float, family: str | None, exp: float

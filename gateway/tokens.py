@@ -25,7 +25,7 @@ import math
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -36,7 +36,7 @@ from gateway.config import GATEWAY_ISSUER_NAME, TokensSettings
 from gateway.identity import Identity
 from gateway.revocation import RevocationCheck
 from gateway.signing import Signer
-from gateway.store import TOKEN_RETENTION, Revocation, Store
+from gateway.store import TOKEN_RETENTION, Revocation, Store, member
 from gateway.token_records import (
     ACCESS_TYP,
     JWKS_PATH,
@@ -217,6 +217,13 @@ class TokenService:
         raw = await self.store.get_token(jti)
         return TokenRecord.from_fields(raw) if raw is not None else None
 
+    async def describe(self, jti: str) -> TokenRecord | None:
+        """As `show`, revoked too when its subject's revocation covers it: what an operator is shown."""
+        record = await self.show(jti)
+        if record is None:
+            return None
+        return _covered(record, await self.store.subject_cutoff(record.subject, GATEWAY_ISSUER_NAME))
+
     async def listing(
         self, query: TokenQuery, offset: int, limit: int, now: float | None = None
     ) -> tuple[list[TokenRecord], bool]:
@@ -225,11 +232,12 @@ class TokenService:
         Filters apply while scanning the index, so a page costs what precedes it; tokens are operator-made and
         few (thousands), which keeps this cheap."""
         now = self._clock() if now is None else now
+        cutoffs = await self.store.subject_cutoffs()
         found: list[TokenRecord] = []
         skipped = 0
         async with contextlib.aclosing(self.store.scan_tokens()) as rows:
             async for raw in rows:
-                record = TokenRecord.from_fields(raw)
+                record = _subject_covered(TokenRecord.from_fields(raw), cutoffs)
                 if record is None or not query.matches(record, now):
                     continue
                 if skipped < offset:
@@ -243,10 +251,11 @@ class TokenService:
     async def sessions(self, offset: int, limit: int, now: float | None = None) -> tuple[list[TokenRecord], bool]:
         """Active minted tokens that have been used, most recently used first."""
         now = self._clock() if now is None else now
+        cutoffs = await self.store.subject_cutoffs()
         seen: list[TokenRecord] = []
         async with contextlib.aclosing(self.store.scan_tokens()) as rows:
             async for raw in rows:
-                record = TokenRecord.from_fields(raw)
+                record = _subject_covered(TokenRecord.from_fields(raw), cutoffs)
                 if record is not None and record.last_used_at is not None and record.status(now) == "active":
                     seen.append(record)
         seen.sort(key=lambda r: (r.last_used_at or 0.0, r.jti), reverse=True)
@@ -276,8 +285,8 @@ class TokenService:
         if root is not None:
             await self._revoke_one(family, root.expires_at, by, reason, now)
         members = await self.store.family_members(family, now - REVOCATION_MARGIN)
-        for member, exp in members.items():
-            await self._revoke_one(member, exp, by, reason, now)
+        for jti, exp in members.items():
+            await self._revoke_one(jti, exp, by, reason, now)
         return len(members)
 
     async def _revoke_one(self, jti: str, exp: float, by: str, reason: str, now: float) -> None:
@@ -452,6 +461,21 @@ class _Access:
     token: str
     jti: str
     exp: float
+
+
+def _covered(record: TokenRecord, cutoff: float) -> TokenRecord:
+    """The record, revoked as of `cutoff` if a subject revocation covers its iat and nothing revoked it before."""
+    if record.revoked_at is not None or not int(record.created_at) < cutoff:
+        return record
+    return replace(record, revoked_at=cutoff, revoked_by="subject revocation", revoke_reason="")
+
+
+def _subject_covered(record: TokenRecord | None, cutoffs: dict[str, float]) -> TokenRecord | None:
+    if record is None or not cutoffs:
+        return record
+    subject = record.subject
+    cutoff = max(cutoffs.get(member(subject, None), 0.0), cutoffs.get(member(subject, GATEWAY_ISSUER_NAME), 0.0))
+    return _covered(record, cutoff)
 
 
 def _new_jti() -> str:

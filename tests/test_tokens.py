@@ -427,12 +427,21 @@ async def test_a_token_minted_right_after_its_subject_was_revoked_works(
     gw: RunningGateway, http: aiohttp.ClientSession
 ) -> None:
     """iat is whole seconds: minted in the cut-off's second, a token would count as issued before it."""
-    old, _ = await mint(http, gw, subject="rotated-bot", scopes="tools:read")
+    old, old_meta = await mint(http, gw, subject="rotated-bot", scopes="tools:read")
     code, _ = await admin(http, gw, "POST", "/admin/revocations", json={"subject": "rotated-bot"})
     assert code == 201
-    new, _ = await mint(http, gw, subject="rotated-bot", scopes="tools:read")
+    new, new_meta = await mint(http, gw, subject="rotated-bot", scopes="tools:read", audience=[AUD, AUD])
     assert await use(http, gw, old) == 401
     assert await use(http, gw, new) == 200
+    assert new_meta["audience"] == [AUD], "an audience given twice is kept once"
+    # Operators see what the gateway does: the subject revocation covers the old token, not the new one.
+    _, listing = await admin(http, gw, "GET", "/admin/tokens?subject=rotated-bot")
+    statuses = {item["jti"]: (item["status"], item["revoked_by"]) for item in listing["items"]}
+    assert statuses == {old_meta["jti"]: ("revoked", "subject revocation"), new_meta["jti"]: ("active", None)}
+    _, shown = await admin(http, gw, "GET", f"/admin/tokens/{old_meta['jti']}")
+    assert shown["status"] == "revoked"
+    _, sessions = await admin(http, gw, "GET", "/admin/sessions")
+    assert old_meta["jti"] not in [item["jti"] for item in sessions["items"]]
     barred_until = time.time() + 3600  # a cut-off ahead: whatever is minted before it is refused
     code, _ = await admin(http, gw, "POST", "/admin/revocations", json={"subject": "barred", "before": barred_until})
     assert code == 201
