@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -883,4 +884,23 @@ async def test_token_endpoint_fails_closed_when_the_store_is_down(
         code, body, resp = await exchange(http, gw, grant_type="refresh_token", refresh_token=refresh)
         assert body["error"] == "temporarily_unavailable" and resp.headers["Cache-Control"] == "no-store"
         assert resp.headers["Retry-After"].isdigit() and refresh not in json.dumps(body)
+        private_redis.start()
+
+
+async def test_a_store_that_does_not_answer_in_time_may_have_made_the_change(
+    upstream: Upstream, tmp_path: Path, private_redis: PrivateRedis, http: aiohttp.ClientSession
+) -> None:
+    """A mint sent to a Redis that then stops answering may have been written: the 503 must not say otherwise,
+    or a client retries and mints a second token. One refused at connect was not written, and says so."""
+    async for gw in running(config(upstream, [key_file(tmp_path)], private_redis.url, "gw:"), tmp_path):
+        assert private_redis.process is not None
+        private_redis.process.send_signal(signal.SIGSTOP)  # accepts connections, answers nothing
+        try:
+            code, answer = await admin(http, gw, "POST", "/admin/tokens", json={"subject": "hung"})
+        finally:
+            private_redis.process.send_signal(signal.SIGCONT)
+        assert code == 503 and "the change may have been made" in answer["error_description"]
+        private_redis.stop()
+        code, answer = await admin(http, gw, "POST", "/admin/tokens", json={"subject": "refused"})
+        assert code == 503 and answer["error_description"].endswith("unreachable; nothing was changed")
         private_redis.start()
