@@ -2,7 +2,8 @@
 
 The token's `iss` picks the issuer among those the route accepts; the issuer's allowlist pins `alg`; the key's
 type must fit `alg`. A token that is not a JWT, or names an issuer the route does not know, is `NotMine`:
-jwt_or_introspect then asks introspection, jwt mode refuses it.
+jwt_or_introspect then asks introspection, jwt mode refuses it. A token strict parsing refuses but a lenient base64
+decoder reads as naming a configured issuer is Malformed, not NotMine.
 
 The token is parsed once, strictly, here (`_peek`); the signature is checked by pyjwt's algorithm objects (on
 cryptography) and the registered claims by `_check_claims`, in the order and with the rules of pyjwt's own
@@ -83,7 +84,15 @@ class JwtVerifier:
 
     async def verify_new(self, token: str, digest: bytes, allowed: frozenset[str]) -> Identity:
         """Verify a token `cached` did not know: parse, signature, claims; cache it under `digest`."""
-        header, claims, signature = _peek(token)
+        try:
+            header, claims, signature = _peek(token)
+        except NotMine:
+            # Padding, stray bits or an extra dot do not make a configured issuer's JWT someone else's token: refused
+            # like any of its JWTs that fail, never introspected (an endpoint decoding leniently could accept it).
+            # Under two dots there is no signature to accept, so most opaque tokens cost nothing more.
+            if token.count(".") >= 2 and any(_lenient_iss(p) in self._by_iss for p in token.split(".", _MAX_SEGMENTS)):
+                raise errors.Malformed() from None
+            raise
         iss = claims.get("iss")
         # iss may be any JSON value here (a list is unhashable): only a string can name an issuer.
         issuer = self._by_iss.get(iss) if isinstance(iss, str) else None
@@ -195,6 +204,16 @@ def _peek(token: str) -> tuple[dict[str, Any], dict[str, Any], bytes]:
     return header, claims, signature
 
 
+def _lenient_iss(segment: str) -> str | None:
+    """The `iss` of a segment read as any base64 decoder might (padding, stray bits, either alphabet); None if none."""
+    try:
+        claims = json.loads(binascii.a2b_base64(segment.encode().translate(_TO_STANDARD) + b"=="))
+    except (ValueError, binascii.Error, RecursionError):
+        return None
+    iss = claims.get("iss") if isinstance(claims, dict) else None
+    return iss if isinstance(iss, str) else None
+
+
 def _json_segment(segment: str) -> Any:
     # UTF-8 only (RFC 7515 §5.2), decoded here: json.loads would first sniff bytes for UTF-16 and -32.
     text = _b64decode(segment).decode("utf-8")
@@ -262,6 +281,7 @@ _MAX_HEADERS = 256
 _MAX_HEADER_CHARS = 512
 _MAX_HEADER_MEMBERS = 16
 _TO_STANDARD = bytes.maketrans(b"-_", b"+/")
+_MAX_SEGMENTS = 8  # segments of a token strict parsing refused that are read for an issuer (a JWE has five)
 _LAST_OF_3 = "AEIMQUYcgkosw048"  # the characters whose two low bits are zero
 _JSON = json.JSONDecoder()
 _FLOAT_OVERFLOW = 2**1024 - 2**970  # the smallest integer float() refuses (it would round to 2**1024)
