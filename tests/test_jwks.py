@@ -21,7 +21,7 @@ import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from gateway import errors
+from gateway import errors, signing
 from gateway.config import IssuerSettings, StaticKey
 from gateway.metrics import Metrics
 from gateway.server import new_session
@@ -32,6 +32,7 @@ from gateway.verify.keys import KeySet, from_pem_file
 from tests.support import (
     AUDIENCE,
     ISSUER,
+    IdP,
     Key,
     RunningGateway,
     ScriptedIdP,
@@ -583,3 +584,59 @@ async def test_a_cached_token_is_refused_once_expired(leeway: float, rsa_key: Ke
     with pytest.raises(errors.Expired):
         await verifier.verify(token, CORP)
     assert metrics.registry.get_sample_value("gateway_token_cache_requests_total", {"result": "hit"}) == 2
+
+
+# --- issuers sharing one URL ---
+
+
+def shared_url_config(idp: IdP, upstream: Upstream, tokens: str = "") -> str:
+    """Two issuers with one URL and one JWKS, an audience each (one IdP, an audience per API), a route each."""
+    routes = "".join(
+        f"""  - name: {name}
+    match: {{path_prefix: /{name}}}
+    upstream: {{url: "{upstream.url}"}}
+    auth: {{mode: jwt, issuers: [{name}]}}
+"""
+        for name in ("orders", "billing")
+    )
+    issuers = "".join(
+        f"""  - name: {name}
+    issuer: {ISSUER}
+    jwks_uri: {idp.url}/jwks
+    audiences: [api://{name}]
+"""
+        for name in ("orders", "billing")
+    )
+    return f"issuers:\n{issuers}routes:\n{routes}{tokens}"
+
+
+async def call_at(http: aiohttp.ClientSession, gw: RunningGateway, path: str, token: str) -> tuple[int, str]:
+    async with http.get(f"{gw.url}{path}", headers={"Authorization": f"Bearer {token}"}) as resp:
+        return resp.status, (await resp.json()).get("error_description", "") if resp.status != 200 else ""
+
+
+async def test_issuers_sharing_a_url_are_told_apart_by_the_route(
+    idp: IdP, upstream: Upstream, rsa_key: Key, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    orders, billing = rsa_key.sign(aud="api://orders"), rsa_key.sign(aud="api://billing")
+    both = rsa_key.sign(aud=["api://orders", "api://billing"])
+    wrong_audience = (401, errors.WrongAudience.description)
+    async with gateway(shared_url_config(idp, upstream), tmp_path) as gw:
+        # Each twice: the second is judged from the verified-token cache, which must give the same answer.
+        for _ in range(2):
+            assert await call_at(http, gw, "/orders", orders) == (200, "")
+            assert await call_at(http, gw, "/billing", billing) == (200, "")
+            assert await call_at(http, gw, "/billing", orders) == wrong_audience
+            assert await call_at(http, gw, "/orders", billing) == wrong_audience
+            assert await call_at(http, gw, "/orders", both) == (200, "")
+            assert await call_at(http, gw, "/billing", both) == (200, "")
+
+
+async def test_an_issuer_sharing_the_gateways_own_url_keeps_its_tokens(
+    idp: IdP, upstream: Upstream, rsa_key: Key, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    signing.write_private_key(signing.generate(), str(tmp_path / "signing.pem"))
+    tokens = f"tokens: {{issuer: {ISSUER}, signing_key_file: {tmp_path / 'signing.pem'}}}\n"
+    async with gateway(shared_url_config(idp, upstream, tokens), tmp_path) as gw:
+        # Not one of the gateway's own (always long-lived, so needing a jti): a short-lived token without one passes.
+        assert await call_at(http, gw, "/orders", rsa_key.sign(aud="api://orders", jti=None)) == (200, "")

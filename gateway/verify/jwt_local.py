@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import jwt
 
 from gateway import errors
+from gateway.config import GATEWAY_ISSUER_NAME
 from gateway.identity import Identity, scopes_of
 from gateway.verify.cache import TokenCache, token_digest
 from gateway.verify.jwks import IssuerKeys
@@ -54,9 +55,14 @@ class JwtVerifier:
         own_issuer: str | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._by_iss = {keys.settings.issuer: keys for keys in issuers.values()}
+        # Several issuers may share one URL (one IdP, an audience per API); a route accepts at most one of them
+        # (configfile refuses more), so the route decides which.
+        self._by_iss: dict[str, tuple[IssuerKeys, ...]] = {}
+        for keys in issuers.values():
+            self._by_iss[keys.settings.issuer] = (*self._by_iss.get(keys.settings.issuer, ()), keys)
         self._cache = cache
-        self._own_issuer = own_issuer  # the gateway's own tokens are always long-lived
+        # The gateway's own tokens are always long-lived; by name: a configured issuer may share its URL.
+        self._own_name = GATEWAY_ISSUER_NAME if own_issuer is not None else None
         self._clock = clock
 
     async def verify(self, token: str, allowed: frozenset[str]) -> Identity:
@@ -77,6 +83,9 @@ class JwtVerifier:
             return None
         identity = cached.identity
         if identity.issuer not in allowed:
+            # Verified for another issuer of the same URL (another route's audience): judged afresh for this route.
+            if any(keys.settings.name in allowed for keys in self._by_iss.get(cached.issuer.settings.issuer, ())):
+                return None
             raise NotMine(errors.WrongIssuer())
         if cached.expired_from <= self._clock():
             raise errors.Expired()
@@ -95,8 +104,9 @@ class JwtVerifier:
             raise
         iss = claims.get("iss")
         # iss may be any JSON value here (a list is unhashable): only a string can name an issuer.
-        issuer = self._by_iss.get(iss) if isinstance(iss, str) else None
-        if issuer is None or issuer.settings.name not in allowed:
+        named = self._by_iss.get(iss, ()) if isinstance(iss, str) else ()
+        issuer = next((keys for keys in named if keys.settings.name in allowed), None)
+        if issuer is None:
             raise NotMine(errors.WrongIssuer())
         alg, kid = _check_header(header, claims, issuer)
         # Awaited only when the issuer's keys must be fetched first: a new token is otherwise one coroutine deep.
@@ -146,7 +156,7 @@ class JwtVerifier:
             token_id=jti if isinstance(jti, str) else None,
             expires_at=exp,
             issued_at=iat,
-            long_lived=settings.issuer == self._own_issuer or lifetime > settings.long_lived_after,
+            long_lived=settings.name == self._own_name or lifetime > settings.long_lived_after,
         )
 
 
