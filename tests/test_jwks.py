@@ -546,6 +546,17 @@ async def test_a_kid_republished_with_another_key_stops_verifying_a_cached_token
     assert (await call(http, gw, replacement.sign()))[0] == 200
 
 
+async def test_keys_of_two_types_sharing_a_kid_both_verify(
+    gw: RunningGateway, scripted_idp: ScriptedIdP, rsa_key: Key, ec_key: Key, http: aiohttp.ClientSession
+) -> None:
+    # RFC 7517 §4.5 allows one kid on keys of different types; the EC key after the RSA one must not hide it.
+    shared = [Key(rsa_key.private, "shared", rsa_key.alg), Key(ec_key.private, "shared", ec_key.alg)]
+    scripted_idp.keys = shared
+    assert await issuer_keys(gw).refresh() is True
+    for key in shared:
+        assert (await call(http, gw, key.sign()))[0] == 200
+
+
 async def test_verified_token_cache_counts_hits_and_misses(
     gw: RunningGateway, rsa_key: Key, http: aiohttp.ClientSession
 ) -> None:

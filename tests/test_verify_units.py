@@ -91,6 +91,14 @@ def test_find_by_kid_returns_that_key_whatever_the_alg(pubs: dict[str, Any]) -> 
     assert keys.find("nope", "RS256") is None
 
 
+def test_find_picks_among_keys_sharing_a_kid_by_alg(pubs: dict[str, Any]) -> None:
+    # RFC 7517 §4.5: keys of different types may share a kid.
+    keys = KeySet([vk("s", pubs["rsa1"]), vk("s", pubs["ec"])])
+    assert keys.find("s", "RS256") is keys.keys[0]
+    assert keys.find("s", "ES256") is keys.keys[1]
+    assert keys.find("s", "EdDSA") is keys.keys[0]  # none fits: the verifier refuses the alg
+
+
 def test_find_without_kid_needs_exactly_one_candidate(pubs: dict[str, Any]) -> None:
     one_rsa = KeySet([vk("r1", pubs["rsa1"]), vk("e", pubs["ec"])])
     assert one_rsa.find(None, "RS256") is one_rsa.keys[0]

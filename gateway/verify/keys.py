@@ -54,7 +54,10 @@ class KeySet:
 
     def __init__(self, keys: Iterable[VerificationKey]) -> None:
         self.keys = tuple(keys)
-        self._by_kid = {k.kid: k for k in self.keys if k.kid is not None}
+        self._by_kid: dict[str, tuple[VerificationKey, ...]] = {}
+        for k in self.keys:
+            if k.kid is not None:
+                self._by_kid[k.kid] = (*self._by_kid.get(k.kid, ()), k)
         self._ids = frozenset(id(k) for k in self.keys)  # for `contains` on every cache hit, without a scan
 
     def __len__(self) -> int:
@@ -71,12 +74,14 @@ class KeySet:
 
     def find(self, kid: str | None, alg: str) -> VerificationKey | None:
         if kid is not None:
-            key = self._by_kid.get(kid)
-            if key is None:
+            named = self._by_kid.get(kid)
+            if named is None:
                 # A key published without a kid may still verify a token that names one (static PEM keys).
                 anonymous = [k for k in self.keys if k.kid is None and alg in k.algorithms]
                 return anonymous[0] if len(anonymous) == 1 else None
-            return key
+            # Keys of different types may share a kid (RFC 7517 §4.5): the one for alg, else the first (whose
+            # algorithms the verifier then finds alg missing from).
+            return next((k for k in named if alg in k.algorithms), named[0])
         candidates = [k for k in self.keys if alg in k.algorithms]
         return candidates[0] if len(candidates) == 1 else None
 
