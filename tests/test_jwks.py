@@ -557,6 +557,29 @@ async def test_keys_of_two_types_sharing_a_kid_both_verify(
         assert (await call(http, gw, key.sign()))[0] == 200
 
 
+async def test_a_token_without_kid_is_tried_against_each_key_for_its_alg(
+    gw: RunningGateway, scripted_idp: ScriptedIdP, rsa_key: Key, http: aiohttp.ClientSession
+) -> None:
+    # kid is optional (RFC 7515 §4.1.4); mid-rotation the issuer publishes two RSA keys, and signs with either.
+    old, new = rsa_key, Key.rsa(kid="rsa-2")
+    scripted_idp.keys = [old, new]
+    assert await issuer_keys(gw).refresh() is True
+    by_old, by_new, by_stranger = (
+        sign_jws(key.private, "RS256", {"alg": "RS256"}, claims_for()) for key in (old, new, Key.rsa())
+    )
+    for token in (by_old, by_new):
+        assert (await call(http, gw, token))[0] == 200
+        assert (await call(http, gw, token))[0] == 200  # cached with the key that verified it
+    assert gw.metric("gateway_token_cache_requests_total", result="hit") == 2
+    assert (await call(http, gw, by_stranger))[0] == 401
+    assert gw.metric("gateway_auth_decisions_total", route="orders", outcome="deny", reason="bad_signature") == 1
+    # A cached token stops at once when the key that verified it is withdrawn, though another RSA key remains.
+    scripted_idp.keys = [old]
+    assert await issuer_keys(gw).refresh() is True
+    assert (await call(http, gw, by_old))[0] == 200
+    assert (await call(http, gw, by_new))[0] == 401
+
+
 async def test_verified_token_cache_counts_hits_and_misses(
     gw: RunningGateway, rsa_key: Key, http: aiohttp.ClientSession
 ) -> None:

@@ -110,12 +110,10 @@ class JwtVerifier:
             raise NotMine(errors.WrongIssuer())
         alg, kid = _check_header(header, claims, issuer)
         # Awaited only when the issuer's keys must be fetched first: a new token is otherwise one coroutine deep.
-        key = _known_key(issuer, kid, alg)
-        if key is None:
-            key = await self._fetched_key(issuer, kid, alg)
-        if alg not in key.algorithms:
-            raise errors.AlgorithmNotAllowed()
-        _check_signature(token, signature, alg, key)
+        keys = _known_keys(issuer, kid, alg)
+        if not keys:
+            keys = await self._fetched_keys(issuer, kid, alg)
+        key = _verifying_key(token, signature, alg, keys)
         settings = issuer.settings
         _check_claims(claims, settings.issuer, settings.audiences, settings.leeway, self._clock())
         identity = self._identity(claims, issuer)
@@ -123,18 +121,18 @@ class JwtVerifier:
         self._cache.put(digest, Verified(identity, issuer, key, identity.expires_at + settings.leeway))
         return identity
 
-    async def _fetched_key(self, issuer: IssuerKeys, kid: str | None, alg: str) -> VerificationKey:
-        """The key, after fetching the issuer's keys: at start-up they may not have arrived, and an unknown kid may
-        mean the issuer rotated (refetched at most once per cool-down)."""
+    async def _fetched_keys(self, issuer: IssuerKeys, kid: str | None, alg: str) -> tuple[VerificationKey, ...]:
+        """The keys to try, after fetching the issuer's keys: at start-up they may not have arrived, and an unknown
+        kid may mean the issuer rotated (refetched at most once per cool-down)."""
         keys = issuer.keys
         if keys is None or not keys.has_kid(kid):
             await issuer.refresh_for_unknown_kid()
         if issuer.keys is None:
             raise errors.KeysUnavailable()
-        key = issuer.keys.find(kid, alg)
-        if key is None:
+        found = issuer.keys.find(kid, alg)
+        if not found:
             raise errors.UnknownKey()
-        return key
+        return found
 
     def _identity(self, claims: dict[str, Any], issuer: IssuerKeys) -> Identity:
         settings = issuer.settings
@@ -182,10 +180,22 @@ def _check_header(header: dict[str, Any], claims: dict[str, Any], issuer: Issuer
     return alg, kid
 
 
-def _known_key(issuer: IssuerKeys, kid: str | None, alg: str) -> VerificationKey | None:
-    """The key for kid and alg among the issuer's current keys; None when they must be fetched first."""
+def _known_keys(issuer: IssuerKeys, kid: str | None, alg: str) -> tuple[VerificationKey, ...]:
+    """The keys to try for kid and alg among the issuer's current keys; none when they must be fetched first."""
     keys = issuer.keys
-    return keys.find(kid, alg) if keys is not None else None
+    return keys.find(kid, alg) if keys is not None else ()
+
+
+def _verifying_key(token: str, signature: bytes, alg: str, keys: tuple[VerificationKey, ...]) -> VerificationKey:
+    """The first of `keys` the signature verifies with; if none, the last one's refusal."""
+    for key in keys[:-1]:  # only a token without kid has several (KeySet.find): an issuer mid-rotation
+        try:
+            _check_signature(token, signature, alg, key)
+        except (errors.AlgorithmNotAllowed, errors.BadSignature):
+            continue
+        return key
+    _check_signature(token, signature, alg, keys[-1])
+    return keys[-1]
 
 
 def _peek(token: str) -> tuple[dict[str, Any], dict[str, Any], bytes]:
@@ -239,7 +249,7 @@ def _json_segment(segment: str) -> Any:
 def _check_signature(token: str, signature: bytes, alg: str, key: VerificationKey) -> None:
     """The JWS signature over the token's first two segments, by pyjwt's implementation of `alg`."""
     algorithm = _ALGORITHMS.get(alg)
-    if algorithm is None:
+    if algorithm is None or alg not in key.algorithms:
         raise errors.AlgorithmNotAllowed()
     # An HMAC secret goes through prepare_key, which refuses what cannot be one (a PEM public key as a secret). A
     # public key object's type already decided the algorithms it may verify (keys.algorithms_for, checked by the
