@@ -674,3 +674,35 @@ async def test_an_issuer_sharing_the_gateways_own_url_keeps_its_tokens(
     async with gateway(shared_url_config(idp, upstream, tokens), tmp_path) as gw:
         # Not one of the gateway's own (always long-lived, so needing a jti): a short-lived token without one passes.
         assert await call_at(http, gw, "/orders", rsa_key.sign(aud="api://orders", jti=None)) == (200, "")
+
+
+# --- required claims ---
+
+
+@pytest.mark.parametrize(
+    ("claims", "status"),
+    [
+        ({"admin": True, "level": 1}, 200),
+        ({"admin": [False, True], "level": 1.0}, 200),  # JSON has one number type: 1 and 1.0 are the same
+        ({"admin": 1, "level": 1}, 403),  # Python's True == 1, but JSON's true is not a number
+        ({"admin": 1.0, "level": 1}, 403),
+        ({"admin": [1], "level": 1}, 403),
+        ({"admin": "true", "level": 1}, 403),
+        ({"admin": True, "level": True}, 403),
+        ({"admin": True, "level": [True]}, 403),
+    ],
+)
+async def test_required_claims_tell_booleans_from_numbers(
+    claims: dict[str, Any],
+    status: int,
+    idp: IdP,
+    upstream: Upstream,
+    rsa_key: Key,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    config = config_for(idp, upstream).replace(
+        "issuers: [corp]}", "issuers: [corp], required_claims: {admin: true, level: 1}}"
+    )
+    async with gateway(config, tmp_path) as gw:
+        assert (await call(http, gw, rsa_key.sign(claims)))[0] == status
