@@ -706,3 +706,26 @@ async def test_required_claims_tell_booleans_from_numbers(
     )
     async with gateway(config, tmp_path) as gw:
         assert (await call(http, gw, rsa_key.sign(claims)))[0] == status
+
+
+@pytest.mark.parametrize(
+    ("claims", "status"),
+    [
+        ({"scope": "orders:read"}, 200),
+        ({"scope": None, "scp": ["orders:read"]}, 200),  # a null scope is no scope: scp is read
+        ({"scp": "orders:read"}, 200),  # no scope at all
+        ({"scope": "other", "scp": ["orders:read"]}, 403),  # scope, when present, decides
+    ],
+)
+async def test_scopes_come_from_scp_when_scope_is_absent_or_null(
+    claims: dict[str, Any],
+    status: int,
+    idp: IdP,
+    upstream: Upstream,
+    rsa_key: Key,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    config = config_for(idp, upstream).replace("issuers: [corp]}", "issuers: [corp], required_scopes: [orders:read]}")
+    async with gateway(config, tmp_path) as gw:
+        assert (await call(http, gw, rsa_key.sign(claims, scope=None)))[0] == status
