@@ -138,6 +138,7 @@ def _describe(error: Any) -> str:
 def cross_reference_problems(settings: Settings) -> Iterator[str]:
     """Names that point nowhere, duplicates, and files that do not exist."""
     issuer_names = {i.name for i in settings.issuers}
+    issuer_urls = {i.name: i.issuer for i in settings.issuers}
     introspection_names = {i.name for i in settings.introspection}
     if GATEWAY_ISSUER_NAME in introspection_names:
         # Identities carry the issuer or endpoint name; "gateway" must always mean a token the gateway minted.
@@ -146,6 +147,7 @@ def cross_reference_problems(settings: Settings) -> Iterator[str]:
         if GATEWAY_ISSUER_NAME in issuer_names:
             yield f"issuers: the name '{GATEWAY_ISSUER_NAME}' is reserved for the gateway's own issuer (tokens:)"
         issuer_names.add(GATEWAY_ISSUER_NAME)
+        issuer_urls[GATEWAY_ISSUER_NAME] = settings.tokens.issuer
     for section, names in (
         ("issuers", [i.name for i in settings.issuers]),
         ("introspection", [i.name for i in settings.introspection]),
@@ -159,9 +161,18 @@ def cross_reference_problems(settings: Settings) -> Iterator[str]:
     for index, route in enumerate(settings.routes):
         where = f"routes[{index}].auth"
         auth = route.auth
+        by_url: dict[str, str] = {}
         for i, name in enumerate(auth.issuers):
             if name not in issuer_names:
                 yield f"{where}.issuers[{i}]: unknown issuer '{name}' (known: {_known(issuer_names)})"
+            elif issuer_urls[name] in by_url and by_url[issuer_urls[name]] != name:
+                # A token's iss could not tell them apart; one issuer may list several audiences instead.
+                yield (
+                    f"{where}.issuers[{i}]: '{name}' has the same issuer URL as '{by_url[issuer_urls[name]]}' "
+                    f"({issuer_urls[name]}); a route accepts one issuer per URL (give one issuer both audiences)"
+                )
+            else:
+                by_url[issuer_urls[name]] = name
         if auth.introspection is not None and auth.introspection not in introspection_names:
             yield (
                 f"{where}.introspection: unknown introspection endpoint '{auth.introspection}' "

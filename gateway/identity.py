@@ -37,8 +37,10 @@ class Identity(NamedTuple):
 
 
 def scopes_of(claims: Mapping[str, Any]) -> frozenset[str]:
-    """Scopes from `scope` (space-separated, RFC 8693/9068) or `scp` (a list, or a string)."""
-    value = claims.get("scope", claims.get("scp"))
+    """Scopes from `scope` (space-separated, RFC 8693/9068) or, when it is absent or null, `scp` (a list, or a string)."""
+    value = claims.get("scope")
+    if value is None:
+        value = claims.get("scp")
     if isinstance(value, str):
         return frozenset(value.split())
     if isinstance(value, list | tuple):

@@ -388,7 +388,8 @@ class TokenService:
         alg, kid = header.get("alg"), header.get("kid")
         if "crit" in header or not isinstance(alg, str) or (kid is not None and not isinstance(kid, str)):
             raise OAuthError("invalid_grant", "the refresh key is malformed")
-        key = issuer.key_set.find(kid, alg)
+        found = issuer.key_set.find(kid, alg)
+        key = found[0] if len(found) == 1 else None
         if key is None or alg not in key.algorithms:
             raise OAuthError("invalid_grant", "the refresh key was not signed by this gateway")
         try:

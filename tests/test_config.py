@@ -273,3 +273,30 @@ def test_hmac_secret_must_be_as_long_as_the_hash(monkeypatch: pytest.MonkeyPatch
     assert compile_check(settings) == "issuer corp: GW_TEST_HMAC must hold a secret of 64+ bytes"
     monkeypatch.setenv("GW_TEST_HMAC", "k" * 64)
     assert compile_check(settings) is None
+
+
+def test_check_config_refuses_a_route_accepting_two_issuers_of_one_url(tmp_path: Path) -> None:
+    """Two issuers may share a URL (an audience per API), but one route cannot accept both: iss cannot tell them
+    apart. The gateway's own issuer counts too."""
+    billing = "  - {name: billing, issuer: https://idp.test/, jwks_uri: https://idp.test/jwks, audiences: [bill]}\n"
+    two = MINIMAL.replace("routes:", billing + "routes:")
+    ok, bad = tmp_path / "ok.yaml", tmp_path / "bad.yaml"
+    ok.write_text(two.replace("issuers: [corp]", "issuers: [billing]"))
+    bad.write_text(two.replace("issuers: [corp]", "issuers: [corp, billing]"))
+    passed = subprocess.run([sys.executable, "-m", "gateway", "check-config", str(ok)], capture_output=True, text=True)
+    assert passed.returncode == 0, passed.stderr
+    failed = subprocess.run([sys.executable, "-m", "gateway", "check-config", str(bad)], capture_output=True, text=True)
+    assert failed.returncode == 1
+    assert (
+        f"{bad}: routes[0].auth.issuers[1]: 'billing' has the same issuer URL as 'corp' (https://idp.test/); "
+        "a route accepts one issuer per URL (give one issuer both audiences)"
+    ) in failed.stderr
+    key = tmp_path / "k.pem"
+    signing.write_private_key(signing.generate(), str(key))
+    own = MINIMAL.replace("issuers: [corp]", "issuers: [corp, gateway]")
+    with pytest.raises(configfile.ConfigError) as caught:
+        configfile.loads(own + f"tokens: {{issuer: https://idp.test/, signing_key_file: {key}}}\n")
+    assert caught.value.problems == [
+        "routes[0].auth.issuers[1]: 'gateway' has the same issuer URL as 'corp' (https://idp.test/); "
+        "a route accepts one issuer per URL (give one issuer both audiences)"
+    ]

@@ -727,6 +727,49 @@ async def test_a_failing_jwt_of_the_routes_issuer_is_refused_not_introspected(
     assert decisions(mixed, "mixed", "deny", reason) == 1
 
 
+def _stray_bits(token: str) -> str:
+    """The token with its signature's unused trailing bits set: the same bytes to a lenient base64 decoder."""
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    head, _, sig = token.rpartition(".")
+    assert len(sig) % 4 == 2  # an RS256 signature: 342 characters, the last with 4 unused bits
+    return f"{head}.{sig[:-1]}{alphabet[alphabet.index(sig[-1]) | 1]}"
+
+
+@pytest.mark.parametrize(
+    ("respell", "iss"),
+    [
+        (lambda token: token + "==", ISSUER),
+        (_stray_bits, ISSUER),
+        (lambda token: token + ".", ISSUER),  # Java's split drops the empty last segment: still a JWS there
+        (lambda token: token + "==", "https://partner.test/"),  # configured, though not on the route
+    ],
+    ids=["padded signature", "stray bits", "trailing dot", "issuer not on the route"],
+)
+async def test_a_respelled_jwt_of_a_configured_issuer_is_refused_not_introspected(
+    respell: Callable[[str], str],
+    iss: str,
+    mixed: RunningGateway,
+    auth_server: AuthServer,
+    rsa_key: Key,
+    http: aiohttp.ClientSession,
+) -> None:
+    # A wrong audience would be refused; spelled so strict base64url refuses it, it must not reach an endpoint that
+    # decodes leniently (as Keycloak does) and vouches for it.
+    token = respell(rsa_key.sign(aud="api://other", iss=iss))
+    auth_server.issue(token, sub="mallory")
+    status, _, body = await call(http, mixed, "/mixed", token)
+    assert (status, body["error"], auth_server.calls) == (401, "invalid_token", 0)
+    assert decisions(mixed, "mixed", "deny", "malformed") == 1
+
+
+async def test_a_respelled_jwt_of_an_unconfigured_issuer_is_still_introspected(
+    mixed: RunningGateway, auth_server: AuthServer, rsa_key: Key, http: aiohttp.ClientSession
+) -> None:
+    token = auth_server.issue(rsa_key.sign(iss="https://elsewhere.test/") + "==", sub="carol")
+    status, _, _ = await call(http, mixed, "/mixed", token)
+    assert (status, auth_server.calls) == (200, 1)
+
+
 @pytest.mark.parametrize("path", ["/mixed", "/jwt"])
 @pytest.mark.parametrize("shape", ["opaque", "JWT"])
 async def test_a_token_with_characters_no_token_has_is_400_and_never_introspected(

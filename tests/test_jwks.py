@@ -21,7 +21,7 @@ import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from gateway import errors
+from gateway import errors, signing
 from gateway.config import IssuerSettings, StaticKey
 from gateway.metrics import Metrics
 from gateway.server import new_session
@@ -32,6 +32,7 @@ from gateway.verify.keys import KeySet, from_pem_file
 from tests.support import (
     AUDIENCE,
     ISSUER,
+    IdP,
     Key,
     RunningGateway,
     ScriptedIdP,
@@ -545,6 +546,40 @@ async def test_a_kid_republished_with_another_key_stops_verifying_a_cached_token
     assert (await call(http, gw, replacement.sign()))[0] == 200
 
 
+async def test_keys_of_two_types_sharing_a_kid_both_verify(
+    gw: RunningGateway, scripted_idp: ScriptedIdP, rsa_key: Key, ec_key: Key, http: aiohttp.ClientSession
+) -> None:
+    # RFC 7517 §4.5 allows one kid on keys of different types; the EC key after the RSA one must not hide it.
+    shared = [Key(rsa_key.private, "shared", rsa_key.alg), Key(ec_key.private, "shared", ec_key.alg)]
+    scripted_idp.keys = shared
+    assert await issuer_keys(gw).refresh() is True
+    for key in shared:
+        assert (await call(http, gw, key.sign()))[0] == 200
+
+
+async def test_a_token_without_kid_is_tried_against_each_key_for_its_alg(
+    gw: RunningGateway, scripted_idp: ScriptedIdP, rsa_key: Key, http: aiohttp.ClientSession
+) -> None:
+    # kid is optional (RFC 7515 §4.1.4); mid-rotation the issuer publishes two RSA keys, and signs with either.
+    old, new = rsa_key, Key.rsa(kid="rsa-2")
+    scripted_idp.keys = [old, new]
+    assert await issuer_keys(gw).refresh() is True
+    by_old, by_new, by_stranger = (
+        sign_jws(key.private, "RS256", {"alg": "RS256"}, claims_for()) for key in (old, new, Key.rsa())
+    )
+    for token in (by_old, by_new):
+        assert (await call(http, gw, token))[0] == 200
+        assert (await call(http, gw, token))[0] == 200  # cached with the key that verified it
+    assert gw.metric("gateway_token_cache_requests_total", result="hit") == 2
+    assert (await call(http, gw, by_stranger))[0] == 401
+    assert gw.metric("gateway_auth_decisions_total", route="orders", outcome="deny", reason="bad_signature") == 1
+    # A cached token stops at once when the key that verified it is withdrawn, though another RSA key remains.
+    scripted_idp.keys = [old]
+    assert await issuer_keys(gw).refresh() is True
+    assert (await call(http, gw, by_old))[0] == 200
+    assert (await call(http, gw, by_new))[0] == 401
+
+
 async def test_verified_token_cache_counts_hits_and_misses(
     gw: RunningGateway, rsa_key: Key, http: aiohttp.ClientSession
 ) -> None:
@@ -583,3 +618,114 @@ async def test_a_cached_token_is_refused_once_expired(leeway: float, rsa_key: Ke
     with pytest.raises(errors.Expired):
         await verifier.verify(token, CORP)
     assert metrics.registry.get_sample_value("gateway_token_cache_requests_total", {"result": "hit"}) == 2
+
+
+# --- issuers sharing one URL ---
+
+
+def shared_url_config(idp: IdP, upstream: Upstream, tokens: str = "") -> str:
+    """Two issuers with one URL and one JWKS, an audience each (one IdP, an audience per API), a route each."""
+    routes = "".join(
+        f"""  - name: {name}
+    match: {{path_prefix: /{name}}}
+    upstream: {{url: "{upstream.url}"}}
+    auth: {{mode: jwt, issuers: [{name}]}}
+"""
+        for name in ("orders", "billing")
+    )
+    issuers = "".join(
+        f"""  - name: {name}
+    issuer: {ISSUER}
+    jwks_uri: {idp.url}/jwks
+    audiences: [api://{name}]
+"""
+        for name in ("orders", "billing")
+    )
+    return f"issuers:\n{issuers}routes:\n{routes}{tokens}"
+
+
+async def call_at(http: aiohttp.ClientSession, gw: RunningGateway, path: str, token: str) -> tuple[int, str]:
+    async with http.get(f"{gw.url}{path}", headers={"Authorization": f"Bearer {token}"}) as resp:
+        return resp.status, (await resp.json()).get("error_description", "") if resp.status != 200 else ""
+
+
+async def test_issuers_sharing_a_url_are_told_apart_by_the_route(
+    idp: IdP, upstream: Upstream, rsa_key: Key, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    orders, billing = rsa_key.sign(aud="api://orders"), rsa_key.sign(aud="api://billing")
+    both = rsa_key.sign(aud=["api://orders", "api://billing"])
+    wrong_audience = (401, errors.WrongAudience.description)
+    async with gateway(shared_url_config(idp, upstream), tmp_path) as gw:
+        # Each twice: the second is judged from the verified-token cache, which must give the same answer.
+        for _ in range(2):
+            assert await call_at(http, gw, "/orders", orders) == (200, "")
+            assert await call_at(http, gw, "/billing", billing) == (200, "")
+            assert await call_at(http, gw, "/billing", orders) == wrong_audience
+            assert await call_at(http, gw, "/orders", billing) == wrong_audience
+            assert await call_at(http, gw, "/orders", both) == (200, "")
+            assert await call_at(http, gw, "/billing", both) == (200, "")
+
+
+async def test_an_issuer_sharing_the_gateways_own_url_keeps_its_tokens(
+    idp: IdP, upstream: Upstream, rsa_key: Key, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    signing.write_private_key(signing.generate(), str(tmp_path / "signing.pem"))
+    tokens = f"tokens: {{issuer: {ISSUER}, signing_key_file: {tmp_path / 'signing.pem'}}}\n"
+    async with gateway(shared_url_config(idp, upstream, tokens), tmp_path) as gw:
+        # Not one of the gateway's own (always long-lived, so needing a jti): a short-lived token without one passes.
+        assert await call_at(http, gw, "/orders", rsa_key.sign(aud="api://orders", jti=None)) == (200, "")
+
+
+# --- required claims ---
+
+
+@pytest.mark.parametrize(
+    ("claims", "status"),
+    [
+        ({"admin": True, "level": 1}, 200),
+        ({"admin": [False, True], "level": 1.0}, 200),  # JSON has one number type: 1 and 1.0 are the same
+        ({"admin": 1, "level": 1}, 403),  # Python's True == 1, but JSON's true is not a number
+        ({"admin": 1.0, "level": 1}, 403),
+        ({"admin": [1], "level": 1}, 403),
+        ({"admin": "true", "level": 1}, 403),
+        ({"admin": True, "level": True}, 403),
+        ({"admin": True, "level": [True]}, 403),
+    ],
+)
+async def test_required_claims_tell_booleans_from_numbers(
+    claims: dict[str, Any],
+    status: int,
+    idp: IdP,
+    upstream: Upstream,
+    rsa_key: Key,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    config = config_for(idp, upstream).replace(
+        "issuers: [corp]}", "issuers: [corp], required_claims: {admin: true, level: 1}}"
+    )
+    async with gateway(config, tmp_path) as gw:
+        assert (await call(http, gw, rsa_key.sign(claims)))[0] == status
+
+
+@pytest.mark.parametrize(
+    ("claims", "status"),
+    [
+        ({"scope": "orders:read"}, 200),
+        ({"scope": None, "scp": ["orders:read"]}, 200),  # a null scope is no scope: scp is read
+        ({"scp": "orders:read"}, 200),  # no scope at all
+        ({"scope": "other", "scp": ["orders:read"]}, 403),  # scope, when present, decides
+    ],
+)
+async def test_scopes_come_from_scp_when_scope_is_absent_or_null(
+    claims: dict[str, Any],
+    status: int,
+    idp: IdP,
+    upstream: Upstream,
+    rsa_key: Key,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    config = config_for(idp, upstream).replace("issuers: [corp]}", "issuers: [corp], required_scopes: [orders:read]}")
+    async with gateway(config, tmp_path) as gw:
+        assert (await call(http, gw, rsa_key.sign(claims, scope=None)))[0] == status

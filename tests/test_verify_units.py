@@ -25,7 +25,7 @@ from gateway.verify import Judge, jwt_local
 from gateway.verify.cache import TokenCache, token_digest
 from gateway.verify.jwks import IssuerKeys
 from gateway.verify.jwt_local import JwtVerifier, NotMine, Verified, _b64decode, _peek, _typ_matches
-from gateway.verify.keys import KeySet, VerificationKey, algorithms_for, from_jwks, from_pem_file
+from gateway.verify.keys import MAX_CANDIDATES, KeySet, VerificationKey, algorithms_for, from_jwks, from_pem_file
 from gateway.verify.policy import RoutePolicy
 from tests.support import AUDIENCE, ISSUER, Key, b64, self_signed_cert
 
@@ -84,28 +84,38 @@ def pubs() -> dict[str, Any]:
 
 def test_find_by_kid_returns_that_key_whatever_the_alg(pubs: dict[str, Any]) -> None:
     keys = KeySet([vk("r1", pubs["rsa1"]), vk("e", pubs["ec"])])
-    assert keys.find("r1", "RS256") is keys.keys[0]
+    assert keys.find("r1", "RS256") == (keys.keys[0],)
     # The kid decides; the verifier then refuses an alg the key cannot do (ES256 on an RSA key).
-    found = keys.find("r1", "ES256")
-    assert found is not None and "ES256" not in found.algorithms
-    assert keys.find("nope", "RS256") is None
+    (found,) = keys.find("r1", "ES256")
+    assert "ES256" not in found.algorithms
+    assert keys.find("nope", "RS256") == ()
 
 
-def test_find_without_kid_needs_exactly_one_candidate(pubs: dict[str, Any]) -> None:
+def test_find_picks_among_keys_sharing_a_kid_by_alg(pubs: dict[str, Any]) -> None:
+    # RFC 7517 §4.5: keys of different types may share a kid.
+    keys = KeySet([vk("s", pubs["rsa1"]), vk("s", pubs["ec"])])
+    assert keys.find("s", "RS256") == (keys.keys[0],)
+    assert keys.find("s", "ES256") == (keys.keys[1],)
+    assert keys.find("s", "EdDSA") == (keys.keys[0],)  # none fits: the verifier refuses the alg
+
+
+def test_find_without_kid_gives_every_key_fitting_alg_up_to_a_bound(pubs: dict[str, Any]) -> None:
     one_rsa = KeySet([vk("r1", pubs["rsa1"]), vk("e", pubs["ec"])])
-    assert one_rsa.find(None, "RS256") is one_rsa.keys[0]
-    assert one_rsa.find(None, "ES256") is one_rsa.keys[1]
-    assert one_rsa.find(None, "EdDSA") is None
-    two_rsa = KeySet([vk("r1", pubs["rsa1"]), vk("r2", pubs["rsa2"])])
-    assert two_rsa.find(None, "RS256") is None  # ambiguous: never guess
+    assert one_rsa.find(None, "RS256") == (one_rsa.keys[0],)
+    assert one_rsa.find(None, "ES256") == (one_rsa.keys[1],)
+    assert one_rsa.find(None, "EdDSA") == ()
+    two_rsa = KeySet([vk("r1", pubs["rsa1"]), vk("e", pubs["ec"]), vk("r2", pubs["rsa2"])])
+    assert two_rsa.find(None, "RS256") == (two_rsa.keys[0], two_rsa.keys[2])  # in order: the verifier tries each
+    many = KeySet(vk(f"r{i}", pubs["rsa1"]) for i in range(MAX_CANDIDATES + 3))
+    assert many.find(None, "RS256") == many.keys[:MAX_CANDIDATES]
 
 
-def test_a_kidless_key_answers_an_unknown_kid_only_when_it_is_the_only_one(pubs: dict[str, Any]) -> None:
+def test_kidless_keys_answer_an_unknown_kid(pubs: dict[str, Any]) -> None:
     single = KeySet([vk(None, pubs["rsa1"]), vk("e", pubs["ec"])])
-    assert single.find("any-kid", "RS256") is single.keys[0]
-    assert single.find("any-kid", "EdDSA") is None
-    double = KeySet([vk(None, pubs["rsa1"]), vk(None, pubs["rsa2"])])
-    assert double.find("any-kid", "RS256") is None
+    assert single.find("any-kid", "RS256") == (single.keys[0],)
+    assert single.find("any-kid", "EdDSA") == ()
+    double = KeySet([vk(None, pubs["rsa1"]), vk("r2", pubs["rsa2"]), vk(None, pubs["rsa2"])])
+    assert double.find("any-kid", "RS256") == (double.keys[0], double.keys[2])
 
 
 def test_has_kid_and_contains(pubs: dict[str, Any]) -> None:

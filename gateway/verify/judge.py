@@ -14,6 +14,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Literal
 
+from gateway import errors
 from gateway.bearer import check_syntax
 from gateway.identity import Identity
 from gateway.revocation import Policy, RevocationCheck
@@ -79,6 +80,9 @@ class Judge:
             check_syntax(token)
             if self.mode == "jwt":
                 raise exc.error from None
+        except errors.Malformed:
+            check_syntax(token)  # as above: a malformed bearer token is a 400 before it is a malformed JWT
+            raise
         else:
             return self._admit(identity)
         # Not a JWT, or not from one of this route's issuers: the authorization server decides.

@@ -2,7 +2,8 @@
 
 The token's `iss` picks the issuer among those the route accepts; the issuer's allowlist pins `alg`; the key's
 type must fit `alg`. A token that is not a JWT, or names an issuer the route does not know, is `NotMine`:
-jwt_or_introspect then asks introspection, jwt mode refuses it.
+jwt_or_introspect then asks introspection, jwt mode refuses it. A token strict parsing refuses but a lenient base64
+decoder reads as naming a configured issuer is Malformed, not NotMine.
 
 The token is parsed once, strictly, here (`_peek`); the signature is checked by pyjwt's algorithm objects (on
 cryptography) and the registered claims by `_check_claims`, in the order and with the rules of pyjwt's own
@@ -22,6 +23,7 @@ from typing import Any, NamedTuple
 import jwt
 
 from gateway import errors
+from gateway.config import GATEWAY_ISSUER_NAME
 from gateway.identity import Identity, scopes_of
 from gateway.verify.cache import TokenCache, token_digest
 from gateway.verify.jwks import IssuerKeys
@@ -53,9 +55,14 @@ class JwtVerifier:
         own_issuer: str | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._by_iss = {keys.settings.issuer: keys for keys in issuers.values()}
+        # Several issuers may share one URL (one IdP, an audience per API); a route accepts at most one of them
+        # (configfile refuses more), so the route decides which.
+        self._by_iss: dict[str, tuple[IssuerKeys, ...]] = {}
+        for keys in issuers.values():
+            self._by_iss[keys.settings.issuer] = (*self._by_iss.get(keys.settings.issuer, ()), keys)
         self._cache = cache
-        self._own_issuer = own_issuer  # the gateway's own tokens are always long-lived
+        # The gateway's own tokens are always long-lived; by name: a configured issuer may share its URL.
+        self._own_name = GATEWAY_ISSUER_NAME if own_issuer is not None else None
         self._clock = clock
 
     async def verify(self, token: str, allowed: frozenset[str]) -> Identity:
@@ -76,6 +83,9 @@ class JwtVerifier:
             return None
         identity = cached.identity
         if identity.issuer not in allowed:
+            # Verified for another issuer of the same URL (another route's audience): judged afresh for this route.
+            if any(keys.settings.name in allowed for keys in self._by_iss.get(cached.issuer.settings.issuer, ())):
+                return None
             raise NotMine(errors.WrongIssuer())
         if cached.expired_from <= self._clock():
             raise errors.Expired()
@@ -83,20 +93,27 @@ class JwtVerifier:
 
     async def verify_new(self, token: str, digest: bytes, allowed: frozenset[str]) -> Identity:
         """Verify a token `cached` did not know: parse, signature, claims; cache it under `digest`."""
-        header, claims, signature = _peek(token)
+        try:
+            header, claims, signature = _peek(token)
+        except NotMine:
+            # Padding, stray bits or an extra dot do not make a configured issuer's JWT someone else's token: refused
+            # like any of its JWTs that fail, never introspected (an endpoint decoding leniently could accept it).
+            # Under two dots there is no signature to accept, so most opaque tokens cost nothing more.
+            if token.count(".") >= 2 and any(_lenient_iss(p) in self._by_iss for p in token.split(".", _MAX_SEGMENTS)):
+                raise errors.Malformed() from None
+            raise
         iss = claims.get("iss")
         # iss may be any JSON value here (a list is unhashable): only a string can name an issuer.
-        issuer = self._by_iss.get(iss) if isinstance(iss, str) else None
-        if issuer is None or issuer.settings.name not in allowed:
+        named = self._by_iss.get(iss, ()) if isinstance(iss, str) else ()
+        issuer = next((keys for keys in named if keys.settings.name in allowed), None)
+        if issuer is None:
             raise NotMine(errors.WrongIssuer())
         alg, kid = _check_header(header, claims, issuer)
         # Awaited only when the issuer's keys must be fetched first: a new token is otherwise one coroutine deep.
-        key = _known_key(issuer, kid, alg)
-        if key is None:
-            key = await self._fetched_key(issuer, kid, alg)
-        if alg not in key.algorithms:
-            raise errors.AlgorithmNotAllowed()
-        _check_signature(token, signature, alg, key)
+        keys = _known_keys(issuer, kid, alg)
+        if not keys:
+            keys = await self._fetched_keys(issuer, kid, alg)
+        key = _verifying_key(token, signature, alg, keys)
         settings = issuer.settings
         _check_claims(claims, settings.issuer, settings.audiences, settings.leeway, self._clock())
         identity = self._identity(claims, issuer)
@@ -104,18 +121,18 @@ class JwtVerifier:
         self._cache.put(digest, Verified(identity, issuer, key, identity.expires_at + settings.leeway))
         return identity
 
-    async def _fetched_key(self, issuer: IssuerKeys, kid: str | None, alg: str) -> VerificationKey:
-        """The key, after fetching the issuer's keys: at start-up they may not have arrived, and an unknown kid may
-        mean the issuer rotated (refetched at most once per cool-down)."""
+    async def _fetched_keys(self, issuer: IssuerKeys, kid: str | None, alg: str) -> tuple[VerificationKey, ...]:
+        """The keys to try, after fetching the issuer's keys: at start-up they may not have arrived, and an unknown
+        kid may mean the issuer rotated (refetched at most once per cool-down)."""
         keys = issuer.keys
         if keys is None or not keys.has_kid(kid):
             await issuer.refresh_for_unknown_kid()
         if issuer.keys is None:
             raise errors.KeysUnavailable()
-        key = issuer.keys.find(kid, alg)
-        if key is None:
+        found = issuer.keys.find(kid, alg)
+        if not found:
             raise errors.UnknownKey()
-        return key
+        return found
 
     def _identity(self, claims: dict[str, Any], issuer: IssuerKeys) -> Identity:
         settings = issuer.settings
@@ -137,7 +154,7 @@ class JwtVerifier:
             token_id=jti if isinstance(jti, str) else None,
             expires_at=exp,
             issued_at=iat,
-            long_lived=settings.issuer == self._own_issuer or lifetime > settings.long_lived_after,
+            long_lived=settings.name == self._own_name or lifetime > settings.long_lived_after,
         )
 
 
@@ -163,10 +180,22 @@ def _check_header(header: dict[str, Any], claims: dict[str, Any], issuer: Issuer
     return alg, kid
 
 
-def _known_key(issuer: IssuerKeys, kid: str | None, alg: str) -> VerificationKey | None:
-    """The key for kid and alg among the issuer's current keys; None when they must be fetched first."""
+def _known_keys(issuer: IssuerKeys, kid: str | None, alg: str) -> tuple[VerificationKey, ...]:
+    """The keys to try for kid and alg among the issuer's current keys; none when they must be fetched first."""
     keys = issuer.keys
-    return keys.find(kid, alg) if keys is not None else None
+    return keys.find(kid, alg) if keys is not None else ()
+
+
+def _verifying_key(token: str, signature: bytes, alg: str, keys: tuple[VerificationKey, ...]) -> VerificationKey:
+    """The first of `keys` the signature verifies with; if none, the last one's refusal."""
+    for key in keys[:-1]:  # only a token without kid has several (KeySet.find): an issuer mid-rotation
+        try:
+            _check_signature(token, signature, alg, key)
+        except (errors.AlgorithmNotAllowed, errors.BadSignature):
+            continue
+        return key
+    _check_signature(token, signature, alg, keys[-1])
+    return keys[-1]
 
 
 def _peek(token: str) -> tuple[dict[str, Any], dict[str, Any], bytes]:
@@ -195,6 +224,16 @@ def _peek(token: str) -> tuple[dict[str, Any], dict[str, Any], bytes]:
     return header, claims, signature
 
 
+def _lenient_iss(segment: str) -> str | None:
+    """The `iss` of a segment read as any base64 decoder might (padding, stray bits, either alphabet); None if none."""
+    try:
+        claims = json.loads(binascii.a2b_base64(segment.encode().translate(_TO_STANDARD) + b"=="))
+    except (ValueError, binascii.Error, RecursionError):
+        return None
+    iss = claims.get("iss") if isinstance(claims, dict) else None
+    return iss if isinstance(iss, str) else None
+
+
 def _json_segment(segment: str) -> Any:
     # UTF-8 only (RFC 7515 §5.2), decoded here: json.loads would first sniff bytes for UTF-16 and -32.
     text = _b64decode(segment).decode("utf-8")
@@ -210,7 +249,7 @@ def _json_segment(segment: str) -> Any:
 def _check_signature(token: str, signature: bytes, alg: str, key: VerificationKey) -> None:
     """The JWS signature over the token's first two segments, by pyjwt's implementation of `alg`."""
     algorithm = _ALGORITHMS.get(alg)
-    if algorithm is None:
+    if algorithm is None or alg not in key.algorithms:
         raise errors.AlgorithmNotAllowed()
     # An HMAC secret goes through prepare_key, which refuses what cannot be one (a PEM public key as a secret). A
     # public key object's type already decided the algorithms it may verify (keys.algorithms_for, checked by the
@@ -262,6 +301,7 @@ _MAX_HEADERS = 256
 _MAX_HEADER_CHARS = 512
 _MAX_HEADER_MEMBERS = 16
 _TO_STANDARD = bytes.maketrans(b"-_", b"+/")
+_MAX_SEGMENTS = 8  # segments of a token strict parsing refused that are read for an issuer (a JWE has five)
 _LAST_OF_3 = "AEIMQUYcgkosw048"  # the characters whose two low bits are zero
 _JSON = json.JSONDecoder()
 _FLOAT_OVERFLOW = 2**1024 - 2**970  # the smallest integer float() refuses (it would round to 2**1024)

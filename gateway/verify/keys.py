@@ -27,6 +27,8 @@ _EC_ALGS = {
 _HMAC_ALGS = frozenset({"HS256", "HS384", "HS512"})
 # NIST SP 800-131A: RSA below 2048 bits no longer protects a signature (pyjwt only warns, on every verification).
 MIN_RSA_BITS = 2048
+# Keys a token without kid is tried against: bounds the signature checks one token can cost.
+MAX_CANDIDATES = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,11 +52,14 @@ def algorithms_for(key: Any) -> frozenset[str]:
 
 
 class KeySet:
-    """Keys of one issuer, looked up by `kid` (or the single key of a matching type when the token has none)."""
+    """Keys of one issuer, looked up by `kid` (or the keys of a matching type when the token has none)."""
 
     def __init__(self, keys: Iterable[VerificationKey]) -> None:
         self.keys = tuple(keys)
-        self._by_kid = {k.kid: k for k in self.keys if k.kid is not None}
+        self._by_kid: dict[str, tuple[VerificationKey, ...]] = {}
+        for k in self.keys:
+            if k.kid is not None:
+                self._by_kid[k.kid] = (*self._by_kid.get(k.kid, ()), k)
         self._ids = frozenset(id(k) for k in self.keys)  # for `contains` on every cache hit, without a scan
 
     def __len__(self) -> int:
@@ -69,16 +74,20 @@ class KeySet:
             return True
         return any(k.kid == key.kid and k.key == key.key for k in self.keys)
 
-    def find(self, kid: str | None, alg: str) -> VerificationKey | None:
+    def find(self, kid: str | None, alg: str) -> tuple[VerificationKey, ...]:
+        """The keys to try, in order, for a token's kid and alg; none if no key may verify it."""
         if kid is not None:
-            key = self._by_kid.get(kid)
-            if key is None:
-                # A key published without a kid may still verify a token that names one (static PEM keys).
-                anonymous = [k for k in self.keys if k.kid is None and alg in k.algorithms]
-                return anonymous[0] if len(anonymous) == 1 else None
-            return key
-        candidates = [k for k in self.keys if alg in k.algorithms]
-        return candidates[0] if len(candidates) == 1 else None
+            named = self._by_kid.get(kid)
+            if named is not None:
+                if len(named) == 1:  # the usual case, without the generator below
+                    return named
+                # Keys of different types may share a kid (RFC 7517 §4.5): the one for alg, else the first (whose
+                # algorithms the verifier then finds alg missing from).
+                return (next((k for k in named if alg in k.algorithms), named[0]),)
+        # No kid (optional, RFC 7515 §4.1.4), or one only a key published without a kid may answer (static PEM
+        # keys): each key that fits alg, as an issuer rotating publishes two.
+        fitting = [k for k in self.keys if alg in k.algorithms and (kid is None or k.kid is None)]
+        return tuple(fitting[:MAX_CANDIDATES])
 
 
 def from_jwks(document: Mapping[str, Any]) -> KeySet:
