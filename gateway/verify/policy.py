@@ -10,40 +10,15 @@ from gateway import errors
 from gateway.identity import Identity
 
 
-class JsonValue:
-    """A required boolean or number, equal only to a claim of the same JSON type: Python has True == 1 == 1.0, JSON
-    has a boolean apart from its one number type (so 1 and 1.0 stay equal). Strings need no wrapper: == is exact.
-    Wrapped once at config load, so the check itself, on every request, is unchanged."""
-
-    __slots__ = ("value",)
-
-    def __init__(self, value: int | float | bool) -> None:
-        self.value = value
-
-    def __eq__(self, other: object) -> bool:
-        return other == self.value and (type(other) is bool) is (type(self.value) is bool)
-
-    def __ne__(self, other: object) -> bool:
-        return not self == other
-
-    __hash__ = None  # type: ignore[assignment]  # equal to values of other hashes
-
-    def __repr__(self) -> str:
-        return repr(self.value)
-
-
 @dataclass(frozen=True, slots=True)
 class RoutePolicy:
     required_scopes: frozenset[str]
-    required_claims: tuple[tuple[str, Any], ...]  # values: strings, or JsonValue
+    required_claims: tuple[tuple[str, str | int | bool], ...]
     scope_list: tuple[str, ...]  # in config order, for the WWW-Authenticate scope parameter
 
     @classmethod
     def build(cls, scopes: tuple[str, ...], claims: Mapping[str, str | int | bool]) -> RoutePolicy:
-        required = tuple(
-            (name, value if isinstance(value, str) else JsonValue(value)) for name, value in claims.items()
-        )
-        return cls(frozenset(scopes), required, scopes)
+        return cls(frozenset(scopes), tuple(claims.items()), scopes)
 
     def check(self, identity: Identity) -> None:
         """Raise InsufficientScope (403) or Forbidden (403) when the identity falls short."""
@@ -51,5 +26,10 @@ class RoutePolicy:
             raise errors.InsufficientScope(self.scope_list)
         for name, expected in self.required_claims:
             value = identity.claims.get(name)
-            if value != expected and not (isinstance(value, list) and expected in value):
+            if not _same(value, expected) and not (isinstance(value, list) and any(_same(v, expected) for v in value)):
                 raise errors.Forbidden()
+
+
+def _same(value: Any, expected: str | int | bool) -> bool:
+    """Equal as JSON values: Python has True == 1 == 1.0; JSON keeps its booleans apart from its one number type."""
+    return bool(value == expected) and isinstance(value, bool) is isinstance(expected, bool)
