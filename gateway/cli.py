@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 from gateway import configfile, logs, signing
 from gateway.config import Settings
 from gateway.revoke import RevokeRequest, describe
-from gateway.store import Kind, RedisStore, connect_redis
+from gateway.store import Kind, RedisStore, connect_redis, display_url
 from gateway.token_records import MintError, MintRequest, TokenQuery, valid_jti
 from gateway.tokens import TokenService
 
@@ -209,7 +209,7 @@ def _with_store(
         try:
             return await work(store)
         except (RedisError, OSError) as exc:
-            print(f"cannot reach Redis at {settings.store.redis_url}: {exc}", file=sys.stderr)
+            print(f"cannot reach Redis at {display_url(settings.store.redis_url)}: {exc}", file=sys.stderr)
             return 1
         finally:
             await store.close()

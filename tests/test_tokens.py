@@ -30,7 +30,7 @@ from gateway.store import LastUse, MemoryStore, RedisStore, connect_redis
 from gateway.token_records import MintRequest
 from gateway.tokens import Issuer, TokenService
 from tests.redis_support import PrivateRedis
-from tests.support import RunningGateway, Upstream, log_text, start_gateway
+from tests.support import RunningGateway, Upstream, log_text, refusing_port, start_gateway
 
 ADMIN_TOKEN = "test-admin-token-for-tokens-0123456789"
 ADMIN_ENV = "GW_TOKENS_TEST_ADMIN_TOKEN"
@@ -798,6 +798,24 @@ async def test_cli_mints_lists_shows_and_revokes_against_redis(
     memory.write_text(config(upstream, [key_file(tmp_path)]))
     refused_cli = await asyncio.to_thread(_cli, "list", config_path=memory)
     assert refused_cli.returncode == 1 and "use its admin API (/admin/tokens)" in refused_cli.stderr
+
+
+async def test_cli_names_an_unreachable_redis_without_its_password(upstream: Upstream, tmp_path: Path) -> None:
+    """The store's URL is named in the error, less what may hold a password: userinfo and query string."""
+    secret = "s3cr3t-pw"
+    with refusing_port() as port:
+        urls = {
+            f"redis://ops-user:{secret}@127.0.0.1:{port}/0?password={secret}": f"redis://127.0.0.1:{port}/0: ",
+            f"redis+sentinel://:{secret}@127.0.0.1:{port}/mymaster": f"redis+sentinel://127.0.0.1:{port}/mymaster: ",
+        }
+        paths = []
+        for i, url in enumerate(urls):
+            paths.append(tmp_path / f"unreachable-{i}.yaml")
+            paths[-1].write_text(config(upstream, [key_file(tmp_path)], url))
+        runs = await asyncio.gather(*(asyncio.to_thread(_cli, "list", config_path=path) for path in paths))
+    for done, shown in zip(runs, urls.values(), strict=True):
+        assert done.returncode == 1 and f"cannot reach Redis at {shown}" in done.stderr, done.stderr
+        assert secret not in done.stdout + done.stderr and "ops-user" not in done.stderr
 
 
 async def test_token_endpoint_fails_closed_when_the_store_is_down(
