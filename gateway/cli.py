@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 
 from gateway import configfile, logs, signing
 from gateway.config import Settings
-from gateway.revoke import RevokeRequest, describe
+from gateway.revoke import RevokeRequest, describe, unknown_issuer
 from gateway.store import Kind, RedisStore, connect_redis, display_url
 from gateway.token_records import MintError, MintRequest, TokenQuery, valid_jti
 from gateway.tokens import TokenService
@@ -224,6 +224,13 @@ def _revoke(args: argparse.Namespace) -> int:
         ask = RevokeRequest.model_validate({k: v for k, v in fields.items() if v is not None})
     except ValidationError as exc:
         print(f"revoke: {describe(exc)}", file=sys.stderr)
+        return 2
+    settings = _load(args.config)
+    if settings is None:
+        return 1
+    unknown = unknown_issuer(ask.issuer, settings)
+    if unknown:
+        print(f"revoke: {unknown}", file=sys.stderr)
         return 2
 
     async def work(store: RedisStore) -> int:

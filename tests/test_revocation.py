@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
+from gateway import signing
 from gateway.config import StoreSettings
 from gateway.store import RedisStore, Revocation, connect_redis
 from tests.redis_support import PrivateRedis, free_port
@@ -416,6 +417,30 @@ async def test_cli_against_redis_with_no_gateway_running(
     memory.write_text(config(idp, upstream))
     refused = _cli("revoke", "--jti", "x", config_path=memory)
     assert refused.returncode == 1 and "use its admin API" in refused.stderr
+
+
+async def test_cli_refuses_an_issuer_the_config_does_not_name(
+    idp: IdP, upstream: Upstream, tmp_path: Path, redis_url: str, key_prefix: str
+) -> None:
+    """As the admin API does: a revocation scoped to an unknown issuer would revoke nothing. Nothing is written."""
+    path = tmp_path / "gw.yaml"
+    path.write_text(config(idp, upstream, redis_url, key_prefix))
+    for issuer in ("doesnotexist", "gateway"):  # the gateway's own issuer exists only with a tokens: section
+        refused = _cli("revoke", "--jti", "abc", "--issuer", issuer, config_path=path)
+        assert refused.returncode == 2 and refused.stdout == ""
+        assert f"issuer: unknown issuer '{issuer}'" in refused.stderr, refused.stderr
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        assert [k async for k in client.scan_iter(f"{key_prefix}*")] == [], "the store was not touched"
+        key = tmp_path / "signing.pem"
+        signing.write_private_key(signing.generate("ES256"), str(key))
+        path.write_text(path.read_text() + f"tokens: {{issuer: 'https://gateway.test/', signing_key_file: '{key}'}}\n")
+        done = _cli("revoke", "--jti", "abc", "--issuer", "gateway", config_path=path)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["revoked"]["issuer"] == "gateway"
+    finally:
+        await client.delete(f"{key_prefix}revoked:jti")
+        await client.aclose()
 
 
 async def _heartbeats_at_least(gw: RunningGateway, count: int) -> bool:

@@ -800,6 +800,16 @@ async def test_cli_mints_lists_shows_and_revokes_against_redis(
     assert refused_cli.returncode == 1 and "use its admin API (/admin/tokens)" in refused_cli.stderr
 
 
+async def test_revocations_may_be_scoped_to_the_gateways_own_issuer_only_if_it_mints(
+    gw: RunningGateway, http: aiohttp.ClientSession
+) -> None:
+    """The admin API knows the issuer `gateway` from the tokens: section (this config has no issuers: of its own)."""
+    code, body = await admin(http, gw, "POST", "/admin/revocations", json={"jti": "own-1", "issuer": "gateway"})
+    assert code == 201 and body["revoked"]["issuer"] == "gateway"
+    code, body = await admin(http, gw, "POST", "/admin/revocations", json={"jti": "own-1", "issuer": "corp"})
+    assert code == 400 and body["error_description"] == "issuer: unknown issuer 'corp'"
+
+
 async def test_cli_names_an_unreachable_redis_without_its_password(upstream: Upstream, tmp_path: Path) -> None:
     """The store's URL is named in the error, less what may hold a password: userinfo and query string."""
     secret = "s3cr3t-pw"
