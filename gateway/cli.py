@@ -243,8 +243,15 @@ def _revoke(args: argparse.Namespace) -> int:
 
 
 def _revocations_list(args: argparse.Namespace) -> int:
+    from gateway.admin import MAX_PAGE
+
+    # As tokens list does: passed on, a negative offset or a limit below 1 is a range counted from the end.
+    offset, limit = max(0, args.offset), min(MAX_PAGE, max(1, args.limit))
+    if args.limit > MAX_PAGE:
+        print(f"revocations list: --limit capped at {MAX_PAGE}; use --offset for more", file=sys.stderr)
+
     async def work(store: RedisStore) -> int:
-        for item in await store.page(args.kind, args.offset, args.limit):
+        for item in await store.page(args.kind, offset, limit):
             print(json.dumps(item.as_json()))
         return 0
 
