@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
-from gateway import configfile, logs, signing
+from gateway import configfile, jsontext, logs, signing
 from gateway.config import Settings
 from gateway.revoke import RevokeRequest, describe, unknown_issuer
 from gateway.store import Kind, RedisStore, connect_redis, display_url
@@ -334,9 +334,12 @@ def _tokens_mint(args: argparse.Namespace) -> int:
             print(f"tokens mint: --claim {name}: expected NAME=VALUE", file=sys.stderr)
             return 2
         try:
-            claims[name] = json.loads(value)
-        except ValueError:
+            claims[name] = jsontext.loads(value)
+        except json.JSONDecodeError:  # not JSON: the text itself
             claims[name] = value
+        except ValueError as exc:  # JSON to Python, not to RFC 8259 (NaN, Infinity, a repeated key) or too deep
+            print(f"tokens mint: --claim {name}: {exc}", file=sys.stderr)
+            return 2
     fields["claims"] = claims
     try:
         ask = MintRequest.model_validate(fields)

@@ -28,4 +28,3 @@ def loads(text: str | bytes) -> Any:
         return json.loads(text, parse_constant=_no_constant, object_pairs_hook=_no_repeats)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
-

@@ -800,6 +800,33 @@ async def test_cli_mints_lists_shows_and_revokes_against_redis(
     assert refused_cli.returncode == 1 and "use its admin API (/admin/tokens)" in refused_cli.stderr
 
 
+async def test_cli_refuses_claims_that_are_not_json_as_rfc_8259_has_it(
+    upstream: Upstream, tmp_path: Path, redis_url: str, key_prefix: str
+) -> None:
+    """NaN and Infinity (which Python's json takes) and a repeated key are refused, and nothing is minted; text that
+    is not JSON at all is still the claim's text."""
+    path = tmp_path / "gw.yaml"
+    path.write_text(config(upstream, [key_file(tmp_path)], redis_url, key_prefix))
+    refusals = {
+        "x=NaN": "--claim x: NaN is not JSON",
+        "x=-Infinity": "--claim x: -Infinity is not JSON",
+        'x={"role": "user", "role": "admin"}': "--claim x: the key 'role' appears more than once",
+        "x=" + "[" * 5000 + "]" * 5000: "--claim x: JSON nested too deeply",
+    }
+    runs = await asyncio.gather(
+        *(asyncio.to_thread(_cli, "mint", "--subject", "x", "--claim", claim, config_path=path) for claim in refusals)
+    )
+    for done, message in zip(runs, refusals.values(), strict=True):
+        assert done.returncode == 2 and done.stdout == "" and f"tokens mint: {message}" in done.stderr, done.stderr
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        assert [k async for k in client.scan_iter(f"{key_prefix}*")] == [], "nothing was minted"
+    finally:
+        await client.aclose()
+    done = await asyncio.to_thread(_cli, "mint", "--subject", "x", "--claim", "x=nan", config_path=path)
+    assert done.returncode == 0 and json.loads(done.stdout)["metadata"]["claims"]["x"] == "nan", done.stderr
+
+
 async def test_revocations_may_be_scoped_to_the_gateways_own_issuer_only_if_it_mints(
     gw: RunningGateway, http: aiohttp.ClientSession
 ) -> None:
