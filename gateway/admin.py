@@ -25,7 +25,7 @@ from gateway.app import Runtime, readiness
 from gateway.config import GATEWAY_ISSUER_NAME
 from gateway.metrics import exposition
 from gateway.oauth import discovery_response, jwks_response
-from gateway.revoke import RevokeRequest, describe
+from gateway.revoke import RevokeRequest, describe, unknown_issuer
 from gateway.store import Kind
 from gateway.token_records import (
     DISCOVERY_PATH,
@@ -162,18 +162,15 @@ async def _readyz(request: web.Request) -> web.Response:
     return web.json_response(detail, status=200 if ready else 503)
 
 
-def _known_issuer(runtime: Runtime, issuer: str | None) -> bool:
-    return issuer is None or (runtime.gateway is not None and issuer in runtime.gateway.issuers)
-
-
 async def _revoke(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
     try:
         ask = RevokeRequest.model_validate(await read_json(request))
     except ValidationError as exc:
         return problem(400, "invalid_request", describe(exc))
-    if not _known_issuer(runtime, ask.issuer):
-        return problem(400, "invalid_request", f"issuer: unknown issuer '{ask.issuer}'")
+    unknown = unknown_issuer(ask.issuer, runtime.gateway.settings if runtime.gateway is not None else None)
+    if unknown:
+        return problem(400, "invalid_request", unknown)
     try:
         revocation = ask.revocation()
     except ValueError as exc:

@@ -17,10 +17,10 @@ from typing import Any
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
-from gateway import configfile, logs, signing
+from gateway import configfile, jsontext, logs, signing
 from gateway.config import Settings
-from gateway.revoke import RevokeRequest, describe
-from gateway.store import Kind, RedisStore, connect_redis
+from gateway.revoke import RevokeRequest, describe, unknown_issuer
+from gateway.store import Kind, RedisStore, connect_redis, display_url
 from gateway.token_records import MintError, MintRequest, TokenQuery, valid_jti
 from gateway.tokens import TokenService
 
@@ -209,7 +209,7 @@ def _with_store(
         try:
             return await work(store)
         except (RedisError, OSError) as exc:
-            print(f"cannot reach Redis at {settings.store.redis_url}: {exc}", file=sys.stderr)
+            print(f"cannot reach Redis at {display_url(settings.store.redis_url)}: {exc}", file=sys.stderr)
             return 1
         finally:
             await store.close()
@@ -225,6 +225,13 @@ def _revoke(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"revoke: {describe(exc)}", file=sys.stderr)
         return 2
+    settings = _load(args.config)
+    if settings is None:
+        return 1
+    unknown = unknown_issuer(ask.issuer, settings)
+    if unknown:
+        print(f"revoke: {unknown}", file=sys.stderr)
+        return 2
 
     async def work(store: RedisStore) -> int:
         revocation = ask.revocation()
@@ -236,8 +243,15 @@ def _revoke(args: argparse.Namespace) -> int:
 
 
 def _revocations_list(args: argparse.Namespace) -> int:
+    from gateway.admin import MAX_PAGE
+
+    # As tokens list does: passed on, a negative offset or a limit below 1 is a range counted from the end.
+    offset, limit = max(0, args.offset), min(MAX_PAGE, max(1, args.limit))
+    if args.limit > MAX_PAGE:
+        print(f"revocations list: --limit capped at {MAX_PAGE}; use --offset for more", file=sys.stderr)
+
     async def work(store: RedisStore) -> int:
-        for item in await store.page(args.kind, args.offset, args.limit):
+        for item in await store.page(args.kind, offset, limit):
             print(json.dumps(item.as_json()))
         return 0
 
@@ -320,9 +334,12 @@ def _tokens_mint(args: argparse.Namespace) -> int:
             print(f"tokens mint: --claim {name}: expected NAME=VALUE", file=sys.stderr)
             return 2
         try:
-            claims[name] = json.loads(value)
-        except ValueError:
+            claims[name] = jsontext.loads(value)
+        except json.JSONDecodeError:  # not JSON: the text itself
             claims[name] = value
+        except ValueError as exc:  # JSON to Python, not to RFC 8259 (NaN, Infinity, a repeated key) or too deep
+            print(f"tokens mint: --claim {name}: {exc}", file=sys.stderr)
+            return 2
     fields["claims"] = claims
     try:
         ask = MintRequest.model_validate(fields)

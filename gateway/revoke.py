@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
+from gateway.config import GATEWAY_ISSUER_NAME, Settings
 from gateway.store import Revocation
 from gateway.token_records import REVOCATION_MARGIN
 
@@ -71,6 +72,15 @@ class RevokeRequest(BaseModel):
             return Revocation("jti", self.jti, until, self.issuer)
         assert self.subject is not None  # noqa: S101 - guaranteed by _one_target
         return Revocation("subject", self.subject, self.before if self.before is not None else now, self.issuer)
+
+
+def unknown_issuer(issuer: str | None, settings: Settings | None) -> str | None:
+    """The problem with scoping a revocation to `issuer`, or None: a name that is none of the issuers of `settings`
+    (its `issuers:`, and the gateway's own with `tokens:`) would revoke nothing."""
+    known = {i.name for i in settings.issuers} if settings is not None else set()
+    if settings is not None and settings.tokens is not None:
+        known.add(GATEWAY_ISSUER_NAME)
+    return None if issuer is None or issuer in known else f"issuer: unknown issuer '{issuer}'"
 
 
 def describe(error: ValidationError) -> str:

@@ -418,5 +418,13 @@ def connect_redis(settings: StoreSettings) -> aioredis.Redis:
     return aioredis.Redis.from_url(url, **options)
 
 
+def display_url(url: str) -> str:
+    """`url` for messages: without its userinfo (user and password) and query (redis-py takes a password there)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    return scheme + sep + rest.rsplit("@", 1)[-1].partition("?")[0].partition("#")[0]
+
+
 def _hosts(netloc: str) -> list[str]:
     return netloc.rsplit("@", 1)[-1].split(",")

@@ -66,7 +66,7 @@ class UsageTracker:
         """Write the pending uses whose token was not written within `interval` (all of them with `force`).
 
         Returns how many tokens were written. On a store error the uses stay pending (unless a newer one arrived)
-        and the error is logged once until a flush succeeds again."""
+        and the error is logged once until a flush succeeds again; an unforeseen error drops that flush's uses."""
         now = self._monotonic()
         due: dict[str, LastUse] = {}
         for jti in list(self._pending):
@@ -74,9 +74,8 @@ class UsageTracker:
             if force or last is None or now - last >= self.interval:
                 due[jti] = self._pending.pop(jti)
         if due:
-            trimmed = {jti: _trim(use) for jti, use in due.items()}
             try:
-                await self.sink.record_uses(trimmed)
+                await self.sink.record_uses({jti: _trim(use) for jti, use in due.items()})
             except asyncio.CancelledError:  # stopping mid-write: keep them for the final flush
                 for jti, use in due.items():
                     self._pending.setdefault(jti, use)
@@ -87,6 +86,9 @@ class UsageTracker:
                 if not self._failing:
                     log.warning("last-use records not written; retrying", extra={"error": type(exc).__name__})
                 self._failing = True
+                return 0
+            except Exception:  # unforeseen: the batch is dropped (kept, it could fail every flush), the task lives on
+                log.exception("last-use records dropped: unexpected error", extra={"tokens": len(due)})
                 return 0
             self._failing = False
             self.writes += len(due)
@@ -117,7 +119,13 @@ class UsageTracker:
 
 
 def _trim(use: LastUse) -> LastUse:
-    agent = use.user_agent
-    if agent is not None and len(agent) > MAX_USER_AGENT:
-        return LastUse(use.at, use.client, agent[:MAX_USER_AGENT])
-    return use
+    agent = _text(use.user_agent)
+    return LastUse(use.at, _text(use.client), agent[:MAX_USER_AGENT] if agent is not None else None)
+
+
+def _text(value: str | None) -> str | None:
+    """`value` as valid UTF-8 (Redis takes nothing else): the listener keeps header bytes that are not UTF-8 as
+    surrogates (surrogateescape); they are written as \\xNN, so what was sent stays visible to operators."""
+    if value is None:
+        return None
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
+from gateway import signing
 from gateway.config import StoreSettings
 from gateway.store import RedisStore, Revocation, connect_redis
 from tests.redis_support import PrivateRedis, free_port
@@ -480,6 +481,64 @@ async def test_cli_against_redis_with_no_gateway_running(
     memory.write_text(config(idp, upstream))
     refused = _cli("revoke", "--jti", "x", config_path=memory)
     assert refused.returncode == 1 and "use its admin API" in refused.stderr
+
+
+async def test_cli_refuses_an_issuer_the_config_does_not_name(
+    idp: IdP, upstream: Upstream, tmp_path: Path, redis_url: str, key_prefix: str
+) -> None:
+    """As the admin API does: a revocation scoped to an unknown issuer would revoke nothing. Nothing is written."""
+    path = tmp_path / "gw.yaml"
+    path.write_text(config(idp, upstream, redis_url, key_prefix))
+    for issuer in ("doesnotexist", "gateway"):  # the gateway's own issuer exists only with a tokens: section
+        refused = _cli("revoke", "--jti", "abc", "--issuer", issuer, config_path=path)
+        assert refused.returncode == 2 and refused.stdout == ""
+        assert f"issuer: unknown issuer '{issuer}'" in refused.stderr, refused.stderr
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        assert [k async for k in client.scan_iter(f"{key_prefix}*")] == [], "the store was not touched"
+        key = tmp_path / "signing.pem"
+        signing.write_private_key(signing.generate("ES256"), str(key))
+        path.write_text(path.read_text() + f"tokens: {{issuer: 'https://gateway.test/', signing_key_file: '{key}'}}\n")
+        done = _cli("revoke", "--jti", "abc", "--issuer", "gateway", config_path=path)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["revoked"]["issuer"] == "gateway"
+    finally:
+        await client.delete(f"{key_prefix}revoked:jti")
+        await client.aclose()
+
+
+async def test_cli_listing_clamps_offset_and_limit_as_tokens_list_does(
+    idp: IdP, upstream: Upstream, tmp_path: Path, redis_url: str, key_prefix: str
+) -> None:
+    """A negative offset is 0, a limit below 1 is 1 and one over the admin API's MAX_PAGE (1000) is 1000: passed on
+    as they were, they were ranges counted from the end (--offset -2: the last two; --limit -1: all but the last)."""
+    path = tmp_path / "gw.yaml"
+    path.write_text(config(idp, upstream, redis_url, key_prefix))
+    store = RedisStore(connect_redis(StoreSettings(redis_url=redis_url)), key_prefix)
+    base = time.time() + HOUR
+    try:
+        await store.client.zadd(store.jti_key, {f"j{i:04d}": base + i for i in range(1001)})
+        for subject in ("alice", "bob", "carol"):
+            await store.add(Revocation("subject", subject, 1700000000.0))
+        asks = {
+            ("--limit", "-1"): ["j0000"],
+            ("--limit", "0"): ["j0000"],
+            ("--offset", "-2", "--limit", "2"): ["j0000", "j0001"],
+            ("--offset", "999", "--limit", "5000"): ["j0999", "j1000"],
+            ("--limit", "5000"): [f"j{i:04d}" for i in range(1000)],
+            ("--kind", "subject", "--offset", "-1"): ["alice", "bob", "carol"],
+        }
+        runs = await asyncio.gather(
+            *(asyncio.to_thread(_cli, "revocations", "list", *ask, config_path=path) for ask in asks)
+        )
+        for (ask, expected), done in zip(asks.items(), runs, strict=True):
+            assert done.returncode == 0, done.stderr
+            listed = [json.loads(line) for line in done.stdout.splitlines()]
+            assert [item.get("jti") or item.get("subject") for item in listed] == expected, ask
+            assert ("capped at 1000" in done.stderr) == ("5000" in ask)
+    finally:
+        await store.client.delete(store.jti_key, store.sub_key)
+        await store.close()
 
 
 async def _heartbeats_at_least(gw: RunningGateway, count: int) -> bool:

@@ -31,7 +31,7 @@ from gateway.store import LastUse, MemoryStore, RedisStore, connect_redis
 from gateway.token_records import MintRequest
 from gateway.tokens import Issuer, TokenService
 from tests.redis_support import PrivateRedis
-from tests.support import RunningGateway, Upstream, log_text, start_gateway
+from tests.support import RunningGateway, Upstream, log_text, refusing_port, start_gateway
 
 ADMIN_TOKEN = "test-admin-token-for-tokens-0123456789"
 ADMIN_ENV = "GW_TOKENS_TEST_ADMIN_TOKEN"
@@ -865,6 +865,61 @@ async def test_cli_mints_lists_shows_and_revokes_against_redis(
     memory.write_text(config(upstream, [key_file(tmp_path)]))
     refused_cli = await asyncio.to_thread(_cli, "list", config_path=memory)
     assert refused_cli.returncode == 1 and "use its admin API (/admin/tokens)" in refused_cli.stderr
+
+
+async def test_cli_refuses_claims_that_are_not_json_as_rfc_8259_has_it(
+    upstream: Upstream, tmp_path: Path, redis_url: str, key_prefix: str
+) -> None:
+    """NaN and Infinity (which Python's json takes) and a repeated key are refused, and nothing is minted; text that
+    is not JSON at all is still the claim's text."""
+    path = tmp_path / "gw.yaml"
+    path.write_text(config(upstream, [key_file(tmp_path)], redis_url, key_prefix))
+    refusals = {
+        "x=NaN": "--claim x: NaN is not JSON",
+        "x=-Infinity": "--claim x: -Infinity is not JSON",
+        'x={"role": "user", "role": "admin"}': "--claim x: the key 'role' appears more than once",
+        "x=" + "[" * 5000 + "]" * 5000: "--claim x: JSON nested too deeply",
+    }
+    runs = await asyncio.gather(
+        *(asyncio.to_thread(_cli, "mint", "--subject", "x", "--claim", claim, config_path=path) for claim in refusals)
+    )
+    for done, message in zip(runs, refusals.values(), strict=True):
+        assert done.returncode == 2 and done.stdout == "" and f"tokens mint: {message}" in done.stderr, done.stderr
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        assert [k async for k in client.scan_iter(f"{key_prefix}*")] == [], "nothing was minted"
+    finally:
+        await client.aclose()
+    done = await asyncio.to_thread(_cli, "mint", "--subject", "x", "--claim", "x=nan", config_path=path)
+    assert done.returncode == 0 and json.loads(done.stdout)["metadata"]["claims"]["x"] == "nan", done.stderr
+
+
+async def test_revocations_may_be_scoped_to_the_gateways_own_issuer_only_if_it_mints(
+    gw: RunningGateway, http: aiohttp.ClientSession
+) -> None:
+    """The admin API knows the issuer `gateway` from the tokens: section (this config has no issuers: of its own)."""
+    code, body = await admin(http, gw, "POST", "/admin/revocations", json={"jti": "own-1", "issuer": "gateway"})
+    assert code == 201 and body["revoked"]["issuer"] == "gateway"
+    code, body = await admin(http, gw, "POST", "/admin/revocations", json={"jti": "own-1", "issuer": "corp"})
+    assert code == 400 and body["error_description"] == "issuer: unknown issuer 'corp'"
+
+
+async def test_cli_names_an_unreachable_redis_without_its_password(upstream: Upstream, tmp_path: Path) -> None:
+    """The store's URL is named in the error, less what may hold a password: userinfo and query string."""
+    secret = "s3cr3t-pw"
+    with refusing_port() as port:
+        urls = {
+            f"redis://ops-user:{secret}@127.0.0.1:{port}/0?password={secret}": f"redis://127.0.0.1:{port}/0: ",
+            f"redis+sentinel://:{secret}@127.0.0.1:{port}/mymaster": f"redis+sentinel://127.0.0.1:{port}/mymaster: ",
+        }
+        paths = []
+        for i, url in enumerate(urls):
+            paths.append(tmp_path / f"unreachable-{i}.yaml")
+            paths[-1].write_text(config(upstream, [key_file(tmp_path)], url))
+        runs = await asyncio.gather(*(asyncio.to_thread(_cli, "list", config_path=path) for path in paths))
+    for done, shown in zip(runs, urls.values(), strict=True):
+        assert done.returncode == 1 and f"cannot reach Redis at {shown}" in done.stderr, done.stderr
+        assert secret not in done.stdout + done.stderr and "ops-user" not in done.stderr
 
 
 async def test_token_endpoint_fails_closed_when_the_store_is_down(

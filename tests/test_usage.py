@@ -6,6 +6,7 @@ MemoryStore and a real Redis."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -17,7 +18,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from gateway.config import StoreSettings
 from gateway.store import LastUse, MemoryStore, RedisStore, connect_redis
 from gateway.usage import MAX_USER_AGENT, UsageTracker
-from tests.support import RunningGateway, Upstream
+from tests.support import RunningGateway, Upstream, raw_http_request
 from tests.test_tokens import admin, admin_token, config, key_file, mint, running, until, use  # noqa: F401 - admin_token: autouse
 
 INTERVAL = 60.0
@@ -203,3 +204,74 @@ async def test_recording_is_cheap_on_the_request_path(counting: CountingStore) -
     assert time.perf_counter() - started < 1.0
     assert counting.calls == 0, "nothing reached the store from the request path"
     assert not asyncio.iscoroutinefunction(tracker.record)
+
+
+async def test_a_user_agent_that_is_not_utf8_is_recorded_and_later_uses_still_are(
+    upstream: Upstream,
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+    redis_url: str,
+    key_prefix: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The listener keeps header bytes that are not UTF-8 as surrogates; Redis takes only UTF-8. They are recorded
+    as \\xNN, and the tracker goes on recording (its task died on them, and every later use was lost)."""
+    text = config(upstream, [key_file(tmp_path)], redis_url, key_prefix, interval="100ms")
+    async for gw in running(text, tmp_path):
+        token, meta = await mint(http, gw, scopes="tools:read")
+        jti = meta["jti"]
+
+        async def device(agent: str, gw: RunningGateway = gw, jti: str = jti) -> bool:
+            _, shown = await admin(http, gw, "GET", f"/admin/tokens/{jti}")
+            return shown["last_device"] is not None and shown["last_device"]["user_agent"] == agent
+
+        head = f"GET /tools/x HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {token}\r\nUser-Agent: evil\xff\r\n"
+        status, _, _ = await raw_http_request(gw.ports.proxy_port, head)  # latin-1: the byte 0xff as sent
+        assert status == 200
+        await until(lambda: device("evil\\xff"))
+        assert await use(http, gw, token, agent="laptop/2") == 200
+        await until(lambda: device("laptop/2"))
+        head = head.replace("evil\xff", "later\xfe")
+        status, _, _ = await raw_http_request(gw.ports.proxy_port, head)  # pending when the gateway stops
+        assert status == 200
+    # The gateway stopped without raising; its final flush wrote the last use.
+    store = RedisStore(connect_redis(StoreSettings(redis_url=redis_url)), key_prefix)
+    try:
+        fields = await store.get_token(jti)
+        assert fields is not None and fields["last_user_agent"] == "later\\xfe"
+        keys = [k async for k in store.client.scan_iter(f"{key_prefix}*")]
+        await store.client.delete(*keys)
+    finally:
+        await store.close()
+    assert not [r for r in caplog.records if r.name == "gateway.usage" and r.levelno >= logging.WARNING]
+
+
+async def test_an_unforeseen_error_drops_one_batch_and_recording_goes_on(
+    store: MemoryStore | RedisStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A use the tracker cannot write for a reason it does not foresee (here a lone surrogate the listener never
+    makes) costs that flush's batch, logged at error; the background task lives on and stop() does not raise."""
+    await _with_token(store, "t1")
+    await _with_token(store, "t2")
+    tracker = UsageTracker(store, 0.04)
+    tracker.start()
+    tracker.record("t1", "10.0.0.1", "bad\ud800")
+    tracker.record("t2", "10.0.0.2", "bad\ud800")
+
+    async def dropped() -> bool:
+        return tracker.pending == 0
+
+    await until(dropped)
+    tracker.record("t1", "10.0.0.1", "good/1")
+
+    async def written() -> bool:
+        fields = await store.get_token("t1")
+        return fields is not None and fields.get("last_user_agent") == "good/1"
+
+    await until(written)
+    tracker.record("t2", "10.0.0.2", "bad\ud800")  # pending at stop: the final flush meets it too
+    await tracker.stop()
+    errors = [r for r in caplog.records if r.name == "gateway.usage" and r.levelno == logging.ERROR]
+    assert errors and all(r.getMessage() == "last-use records dropped: unexpected error" for r in errors)
+    fields = await store.get_token("t2")
+    assert fields is not None and "last_used_at" not in fields
