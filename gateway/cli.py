@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from redis.exceptions import RedisError
 
 from gateway import configfile, jsontext, logs, signing
-from gateway.config import Settings
+from gateway.config import GATEWAY_ISSUER_NAME, Settings
 from gateway.revoke import RevokeRequest, describe, unknown_issuer
 from gateway.store import Kind, RedisStore, connect_redis, display_url
 from gateway.token_records import MintError, MintRequest, TokenQuery, valid_jti
@@ -232,9 +232,13 @@ def _revoke(args: argparse.Namespace) -> int:
     if unknown:
         print(f"revoke: {unknown}", file=sys.stderr)
         return 2
+    try:
+        revocation = ask.revocation()
+    except ValueError as exc:
+        print(f"revoke: {exc}", file=sys.stderr)
+        return 2
 
     async def work(store: RedisStore) -> int:
-        revocation = ask.revocation()
         await store.add(revocation)
         print(json.dumps({"revoked": revocation.as_json()}))
         return 0
@@ -262,6 +266,13 @@ def _revocations_delete(args: argparse.Namespace) -> int:
     kind: Kind = "jti" if args.jti else "subject"
 
     async def work(store: RedisStore) -> int:
+        minted = kind == "jti" and args.issuer in (None, GATEWAY_ISSUER_NAME)
+        if minted and await TokenService(store).revoked_for_good(args.jti):
+            print(
+                "revocations delete: a token the gateway minted and revoked stays revoked; mint a new one",
+                file=sys.stderr,
+            )
+            return 1
         removed = await store.remove(kind, args.jti or args.subject, args.issuer)
         print(json.dumps({"removed": removed}))
         return 0 if removed else 1
@@ -381,7 +392,7 @@ def _tokens_list(args: argparse.Namespace) -> int:
 
 def _tokens_show(args: argparse.Namespace) -> int:
     async def work(service: TokenService, settings: Settings) -> int:
-        record = await service.show(args.jti) if valid_jti(args.jti) else None
+        record = await service.describe(args.jti) if valid_jti(args.jti) else None
         if record is None:
             print(f"no such token: {args.jti}", file=sys.stderr)
             return 1

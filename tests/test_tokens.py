@@ -815,8 +815,12 @@ async def test_ten_thousand_uses_cost_at_most_two_redis_writes(
 
 
 def _cli(*args: str, config_path: Path) -> subprocess.CompletedProcess[str]:
+    return _gateway_cli("tokens", *args, config_path=config_path)
+
+
+def _gateway_cli(*args: str, config_path: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "gateway", "tokens", *args, "--config", str(config_path)],
+        [sys.executable, "-m", "gateway", *args, "--config", str(config_path)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -855,6 +859,19 @@ async def test_cli_mints_lists_shows_and_revokes_against_redis(
             return await use(http, gw, token) == 401
 
         await until(refused)
+        undo = await asyncio.to_thread(_gateway_cli, "revocations", "delete", "--jti", jti, config_path=path)
+        assert undo.returncode == 1 and "stays revoked" in undo.stderr
+        assert await use(http, gw, token) == 401
+        # A subject revocation covers what was minted before it: `show` says so.
+        other = json.loads((await asyncio.to_thread(_cli, "mint", "--subject", "old-bot", config_path=path)).stdout)
+        cut = await asyncio.to_thread(_gateway_cli, "revoke", "--subject", "old-bot", config_path=path)
+        assert cut.returncode == 0, cut.stderr
+        shown_cli = await asyncio.to_thread(_cli, "show", other["metadata"]["jti"], config_path=path)
+        assert json.loads(shown_cli.stdout)["status"] == "revoked"
+        past = await asyncio.to_thread(
+            _gateway_cli, "revoke", "--jti", "x", "--expires-at", "2020-01-01T00:00:00Z", config_path=path
+        )
+        assert past.returncode == 2 and "expired long enough ago" in past.stderr
         missing = await asyncio.to_thread(_cli, "show", "no-such", config_path=path)
         assert missing.returncode == 1 and "no such token" in missing.stderr
         bad = await asyncio.to_thread(_cli, "mint", "--subject", "x", "--lifetime", "900d", config_path=path)
