@@ -16,16 +16,13 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway import jsontext
 from gateway.app import Runtime, readiness
-from gateway.config import GATEWAY_ISSUER_NAME
 from gateway.metrics import exposition
 from gateway.oauth import discovery_response, jwks_response
-from gateway.revoke import RevokeRequest, describe, unknown_issuer
+from gateway.revoke import FINAL, RevokeRequest, describe, is_final, unknown_issuer
 from gateway.store import Kind
 from gateway.token_records import (
     DISCOVERY_PATH,
@@ -90,21 +87,17 @@ async def _require_admin_token(request: web.Request, handler: Handler) -> web.St
         return response
     try:
         return await handler(request)
-    except (RedisTimeoutError, TimeoutError) as exc:
-        # Sent, perhaps carried out, not answered: retrying blindly could mint a second token.
-        log.warning("admin request failed: store timed out", extra={"path": request.path, "error": type(exc).__name__})
-        description = "the store (Redis) did not answer in time; the change may have been made: look before retrying"
-        response = problem(503, "store_unavailable", description)
-    except (RedisConnectionError, OSError) as exc:
-        log.warning(
-            "admin request failed: store unreachable", extra={"path": request.path, "error": type(exc).__name__}
-        )
-        response = problem(503, "store_unavailable", "the store (Redis) is unreachable; nothing was changed")
-    except RedisError as exc:  # READONLY during a failover, ...: answered, so not unreachable
-        log.warning("admin request failed: store refused it", extra={"path": request.path, "error": type(exc).__name__})
-        response = problem(503, "store_unavailable", f"the store (Redis) refused the request ({type(exc).__name__})")
-    response.headers["Retry-After"] = "5"
-    return response
+    except (RedisError, OSError) as exc:
+        log.warning("admin request failed: store error", extra={"path": request.path, "error": type(exc).__name__})
+        if request.method in ("GET", "HEAD"):
+            description = "the store (Redis) is unavailable"
+        else:
+            # redis-py retries a command that timed out or lost its connection: whatever it raised last, the write
+            # may have been carried out. Saying "nothing was changed" would make a client's retry mint a second token.
+            description = "the store (Redis) failed during the change, which may have been made: look before retrying"
+        response = problem(503, "store_unavailable", f"{description} ({type(exc).__name__})")
+        response.headers["Retry-After"] = "5"
+        return response
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:
@@ -200,8 +193,8 @@ async def _unrevoke(request: web.Request) -> web.Response:
     kind: Kind = "jti" if "jti" in query else "subject"
     runtime = request.app[RUNTIME]
     issuer = query.get("issuer") or None
-    if kind == "jti" and issuer in (None, GATEWAY_ISSUER_NAME) and await runtime.tokens.revoked_for_good(query["jti"]):
-        return problem(409, "conflict", "a token the gateway minted and revoked stays revoked: mint a new one")
+    if is_final(kind, issuer):
+        return problem(409, "conflict", FINAL)
     removed = await runtime.store.remove(kind, query[kind], issuer)
     if not removed:
         return problem(404, "not_found", f"no such {kind} revocation")

@@ -18,8 +18,8 @@ from pydantic import ValidationError
 from redis.exceptions import RedisError
 
 from gateway import configfile, jsontext, logs, signing
-from gateway.config import GATEWAY_ISSUER_NAME, Settings
-from gateway.revoke import RevokeRequest, describe, unknown_issuer
+from gateway.config import Settings
+from gateway.revoke import FINAL, RevokeRequest, describe, is_final, unknown_issuer
 from gateway.store import Kind, RedisStore, connect_redis, display_url
 from gateway.token_records import MintError, MintRequest, TokenQuery, valid_jti
 from gateway.tokens import TokenService
@@ -209,7 +209,9 @@ def _with_store(
         try:
             return await work(store)
         except (RedisError, OSError) as exc:
-            print(f"cannot reach Redis at {display_url(settings.store.redis_url)}: {exc}", file=sys.stderr)
+            # redis-py retries a command that timed out or lost its connection: a change may have been made.
+            where = display_url(settings.store.redis_url)
+            print(f"Redis at {where} failed: {exc}; a change may have been made: look before retrying", file=sys.stderr)
             return 1
         finally:
             await store.close()
@@ -265,14 +267,11 @@ def _revocations_list(args: argparse.Namespace) -> int:
 def _revocations_delete(args: argparse.Namespace) -> int:
     kind: Kind = "jti" if args.jti else "subject"
 
+    if is_final(kind, args.issuer):
+        print(f"revocations delete: {FINAL}", file=sys.stderr)
+        return 2
+
     async def work(store: RedisStore) -> int:
-        minted = kind == "jti" and args.issuer in (None, GATEWAY_ISSUER_NAME)
-        if minted and await TokenService(store).revoked_for_good(args.jti):
-            print(
-                "revocations delete: a token the gateway minted and revoked stays revoked; mint a new one",
-                file=sys.stderr,
-            )
-            return 1
         removed = await store.remove(kind, args.jti or args.subject, args.issuer)
         print(json.dumps({"removed": removed}))
         return 0 if removed else 1

@@ -6,11 +6,19 @@ parsers refuse, and of a repeated key the last silently wins (`{"subject": "a", 
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):  # 1e400: the words NaN and Infinity are not the only way to it
+        raise ValueError(f"{text} is not a finite number")
+    return value
 
 
 def _no_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -25,6 +33,6 @@ def _no_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def loads(text: str | bytes) -> Any:
     """Parse `text`; ValueError (UnicodeDecodeError is one) says what is wrong, also for nesting too deep."""
     try:
-        return json.loads(text, parse_constant=_no_constant, object_pairs_hook=_no_repeats)
+        return json.loads(text, parse_constant=_no_constant, parse_float=_finite, object_pairs_hook=_no_repeats)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None

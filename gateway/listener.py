@@ -547,6 +547,10 @@ class Connection(asyncio.Protocol):
         self._accept(request)
 
     def _accept(self, request: Request) -> None:
+        if self.closing:
+            # Read after the drain began: not answered, nor anything after it (the answer under way says close).
+            self.hold_reading("draining", True)
+            return
         if self._current is None:
             self._serve(request)
         else:  # pipelined: answered in order, after the one in progress

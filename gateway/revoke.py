@@ -74,10 +74,20 @@ class RevokeRequest(BaseModel):
         return Revocation("subject", self.subject, self.before if self.before is not None else now, self.issuer)
 
 
+# The token service marks what it revokes in the token's metadata and takes a refresh key's family along: removing
+# only the revocation entry would leave the two disagreeing, and bring back tokens the family revocation meant.
+FINAL = "revocations of the gateway's own tokens (issuer gateway) are final: mint a new token instead"
+
+
+def is_final(kind: str, issuer: str | None) -> bool:
+    return kind == "jti" and issuer == GATEWAY_ISSUER_NAME
+
+
 def unknown_issuer(issuer: str | None, settings: Settings | None) -> str | None:
     """The problem with scoping a revocation to `issuer`, or None: a name that is none of the issuers of `settings`
-    (its `issuers:`, and the gateway's own with `tokens:`) would revoke nothing."""
-    known = {i.name for i in settings.issuers} if settings is not None else set()
+    (its `issuers:` and `introspection:` endpoints, and the gateway's own with `tokens:`) would revoke nothing."""
+    # Introspected identities carry their endpoint's name as their issuer.
+    known = {i.name for i in settings.issuers} | {e.name for e in settings.introspection} if settings else set()
     if settings is not None and settings.tokens is not None:
         known.add(GATEWAY_ISSUER_NAME)
     return None if issuer is None or issuer in known else f"issuer: unknown issuer '{issuer}'"

@@ -28,6 +28,7 @@ writer re-creates a purged hash.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -193,11 +194,12 @@ class RedisStore:
     async def subject_cutoff(self, subject: str, issuer: str) -> float:
         """The latest cut-off revoking `issuer`'s tokens of `subject` (0: none)."""
         cutoffs = await self.client.hmget(self.sub_key, [member(subject, None), member(subject, issuer)])
-        return max((float(c) for c in cutoffs if c is not None), default=0.0)
+        return max((t for t in (float(c) for c in cutoffs if c is not None) if math.isfinite(t)), default=0.0)
 
     async def subject_cutoffs(self) -> dict[str, float]:
         """Every subject revocation, by member (few: one per offboarded user or leaked credential family)."""
-        return {str(m): float(v) for m, v in (await self.client.hgetall(self.sub_key)).items()}
+        cutoffs = {str(m): float(v) for m, v in (await self.client.hgetall(self.sub_key)).items()}
+        return {m: t for m, t in cutoffs.items() if math.isfinite(t)}  # NaN, written before input was checked
 
     def token_key(self, jti: str) -> str:
         return f"{self.prefix}token:{jti}"
@@ -315,7 +317,7 @@ class MemoryStore:
         return max(self.subjects.get(member(subject, None), 0.0), self.subjects.get(member(subject, issuer), 0.0))
 
     async def subject_cutoffs(self) -> dict[str, float]:
-        return dict(self.subjects)
+        return dict(self.subjects)  # checked on the way in: always finite
 
     async def put_token(
         self, jti: str, fields: Mapping[str, str], created_at: float, purge_at: float, family: str | None, exp: float

@@ -35,6 +35,7 @@ from gateway import errors
 from gateway.config import GATEWAY_ISSUER_NAME, TokensSettings
 from gateway.identity import Identity
 from gateway.revocation import RevocationCheck
+from gateway.revoke import FOREVER
 from gateway.signing import Signer
 from gateway.store import TOKEN_RETENTION, Revocation, Store, member
 from gateway.token_records import (
@@ -55,7 +56,6 @@ from gateway.token_records import (
     TokenRecord,
     human,
     token_sha256,
-    valid_jti,
 )
 from gateway.usage import UsageTracker
 from gateway.verify.keys import KeySet
@@ -153,13 +153,14 @@ class TokenService:
         """`now`, or the first whole second after the subject's revocation cut-off when that fell in this second.
 
         iat is whole seconds: a token minted in the second a subject was revoked, after the revocation, would
-        carry an iat before the cut-off and be refused as revoked. So minting waits for the next second (under
-        1 s); a cut-off further ahead (a subject barred until then) is refused."""
+        carry an iat before the cut-off and be refused as revoked. So minting waits for the next second (up to
+        2 s, a cut-off up to 1 s ahead allowing for another instance's clock); one further ahead (a subject barred
+        until then) is refused."""
         cutoff = await self.store.subject_cutoff(subject, GATEWAY_ISSUER_NAME)
         if int(now) >= cutoff:
             return now
         if cutoff - now > 1:
-            barred = datetime.fromtimestamp(cutoff, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            barred = datetime.fromtimestamp(min(cutoff, FOREVER), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
             raise MintError(f"subject: its tokens issued before {barred} are revoked; mint after that")
         await asyncio.sleep(math.ceil(cutoff) - now)
         return max(self._clock(), float(math.ceil(cutoff)))
@@ -206,12 +207,6 @@ class TokenService:
         )
         await self.store.put_token(jti, record.fields(), now, exp + TOKEN_RETENTION, family, float(exp))
         return Minted(token, record)
-
-    async def revoked_for_good(self, jti: str) -> bool:
-        """A minted token revoked through `revoke`: its metadata says so, and a refresh key's family went with it,
-        so undoing only its revocation entry would leave the two disagreeing."""
-        record = await self.show(jti) if valid_jti(jti) else None
-        return record is not None and record.revoked_at is not None
 
     async def show(self, jti: str) -> TokenRecord | None:
         raw = await self.store.get_token(jti)

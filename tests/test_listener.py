@@ -13,6 +13,7 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp import web
 
@@ -141,13 +142,17 @@ async def test_a_pipelined_request_whose_body_breaks_is_refused_once(
 async def test_a_draining_gateway_answers_the_requests_it_already_read(
     rich_upstream: RichUpstream, tmp_path: Path
 ) -> None:
-    """A pipelined request read before the drain began is answered too; only the last answer says close."""
+    """A pipelined request read before the drain began is answered too; one sent after it is not (a client
+    pipelining on could keep a draining gateway serving it until drain_timeout). Only the last answer says close."""
     async for running in start_gateway(open_route_config(rich_upstream.url), tmp_path):
-        async with connection(running) as (reader, writer):
+        async with connection(running) as (reader, writer), aiohttp.ClientSession() as http:
             writer.write(b"GET /slow?s=0.3 HTTP/1.1\r\nHost: x\r\n\r\nGET /second HTTP/1.1\r\nHost: x\r\n\r\n")
             async with asyncio.timeout(10):
                 await rich_upstream.slow_started.wait()
             stopping = asyncio.create_task(running.server.stop())
+            async with http.get(f"http://127.0.0.1:{running.ports.admin_port}/readyz") as ready:
+                assert "draining" in (await ready.json())["problems"]  # the drain has begun
+            writer.write(b"GET /third HTTP/1.1\r\nHost: x\r\n\r\n")
             async with asyncio.timeout(10):
                 first = await read_answer(reader)
                 second = await read_answer(reader)
@@ -155,6 +160,7 @@ async def test_a_draining_gateway_answers_the_requests_it_already_read(
                 await stopping
         assert first[0] == 200 and "connection" not in first[1]
         assert second[0] == 200 and second[1]["connection"] == "close"
+        assert [r["path"] for r in rich_upstream.requests] == ["/slow?s=0.3", "/second"]
 
 
 async def test_http_1_0_closes_unless_keep_alive_is_asked(gw: RunningGateway) -> None:

@@ -257,6 +257,28 @@ async def test_a_subject_cut_off_that_is_not_a_number_is_ignored_by_the_mirror(r
         await store.close()
 
 
+def test_a_revocation_may_be_scoped_to_an_introspection_endpoint() -> None:
+    """Introspected identities carry the endpoint's name as their issuer: a revocation scoped to it is meant."""
+    from gateway import configfile
+    from gateway.revoke import unknown_issuer
+
+    settings = configfile.loads(
+        """
+introspection:
+  - {name: keycloak, endpoint: "https://idp.test/introspect", client_id: gw, client_secret_env: SECRET}
+routes:
+  - name: open
+    match: {path_prefix: /}
+    upstream: {url: "http://127.0.0.1:9"}
+    auth: {mode: introspect, introspection: keycloak}
+""",
+        env={"SECRET": "x"},
+    )
+    assert unknown_issuer("keycloak", settings) is None
+    assert unknown_issuer("gateway", settings) == "issuer: unknown issuer 'gateway'", "no tokens: section"
+    assert unknown_issuer(None, settings) is None
+
+
 async def test_admin_api_is_disabled_without_a_token(
     idp: IdP, upstream: Upstream, tmp_path: Path, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
 ) -> None:

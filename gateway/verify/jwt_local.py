@@ -98,8 +98,9 @@ class JwtVerifier:
         except NotMine:
             # Padding, stray bits or an extra dot do not make a configured issuer's JWT someone else's token: refused
             # like any of its JWTs that fail, never introspected (an endpoint decoding leniently could accept it).
-            # Under two dots there is no signature to accept, so most opaque tokens cost nothing more.
-            if token.count(".") >= 2 and any(_lenient_iss(p) in self._by_iss for p in token.split(".", _MAX_SEGMENTS)):
+            # Only the payload is read: the respelling that keeps a signature valid is outside it. Under two dots
+            # there is no signature to accept, so most opaque tokens cost nothing more.
+            if token.count(".") >= 2 and _lenient_iss(token.split(".", 2)[1]) in self._by_iss:
                 raise errors.Malformed() from None
             raise
         iss = claims.get("iss")
@@ -225,7 +226,7 @@ def _peek(token: str) -> tuple[dict[str, Any], dict[str, Any], bytes]:
 
 
 def _lenient_iss(segment: str) -> str | None:
-    """The `iss` of a segment read as any base64 decoder might (padding, stray bits, either alphabet); None if none."""
+    """The `iss` of a payload read as any base64 decoder might (padding, stray bits, either alphabet); None if none."""
     try:
         claims = json.loads(binascii.a2b_base64(segment.encode().translate(_TO_STANDARD) + b"=="))
     except (ValueError, binascii.Error, RecursionError):
@@ -301,7 +302,6 @@ _MAX_HEADERS = 256
 _MAX_HEADER_CHARS = 512
 _MAX_HEADER_MEMBERS = 16
 _TO_STANDARD = bytes.maketrans(b"-_", b"+/")
-_MAX_SEGMENTS = 8  # segments of a token strict parsing refused that are read for an issuer (a JWE has five)
 _LAST_OF_3 = "AEIMQUYcgkosw048"  # the characters whose two low bits are zero
 _JSON = json.JSONDecoder()
 _FLOAT_OVERFLOW = 2**1024 - 2**970  # the smallest integer float() refuses (it would round to 2**1024)
