@@ -701,11 +701,8 @@ async def test_required_claims_tell_booleans_from_numbers(
     http: aiohttp.ClientSession,
     tmp_path: Path,
 ) -> None:
-    config = config_for(idp, upstream).replace(
-        "issuers: [corp]}", "issuers: [corp], required_claims: {admin: true, level: 1}}"
-    )
-    async with gateway(config, tmp_path) as gw:
-        assert (await call(http, gw, rsa_key.sign(claims)))[0] == status
+    rule = "required_claims: {admin: true, level: 1}"
+    assert await status_under(rule, rsa_key.sign(claims), idp, upstream, http, tmp_path) == status
 
 
 @pytest.mark.parametrize(
@@ -726,6 +723,14 @@ async def test_scopes_come_from_scp_when_scope_is_absent_or_null(
     http: aiohttp.ClientSession,
     tmp_path: Path,
 ) -> None:
-    config = config_for(idp, upstream).replace("issuers: [corp]}", "issuers: [corp], required_scopes: [orders:read]}")
+    rule = "required_scopes: [orders:read]"
+    assert await status_under(rule, rsa_key.sign(claims, scope=None), idp, upstream, http, tmp_path) == status
+
+
+async def status_under(
+    rule: str, token: str, idp: IdP, upstream: Upstream, http: aiohttp.ClientSession, tmp_path: Path
+) -> int:
+    """The status of one request with `token` on the route of config_for with `rule` added to its auth."""
+    config = config_for(idp, upstream).replace("issuers: [corp]}", f"issuers: [corp], {rule}}}")
     async with gateway(config, tmp_path) as gw:
-        assert (await call(http, gw, rsa_key.sign(claims, scope=None)))[0] == status
+        return (await call(http, gw, token))[0]
