@@ -20,6 +20,7 @@ from pydantic import (
     Field,
     IPvAnyNetwork,
     WithJsonSchema,
+    field_validator,
     model_validator,
 )
 
@@ -137,6 +138,17 @@ class StoreSettings(Model):
         5.0, description="How old the revocation mirror may get before on_unavailable applies."
     )
     resync_interval: Duration = Field(30.0, description="Full re-sync of the revocation mirror, this often.")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _usable(cls, url: str) -> str:
+        """Parsed as the store will parse it (nothing is contacted): a bad URL is a config error, not a worker that
+        dies at start and is restarted over and over."""
+        if url:
+            from gateway.store import connect_redis  # store imports this module
+
+            connect_redis(cls.model_construct(redis_url=url))  # ValueError, with no part of the URL in it
+        return url
 
 
 class StaticKey(Model):

@@ -83,6 +83,9 @@ ERROR_CASES = [
     # (replace this, with this) in MINIMAL -> a problem that contains this text
     (("issuers: [corp]", "issuers: [corp, nope]"), "routes[0].auth.issuers[1]: unknown issuer 'nope' (known: corp)"),
     (("audiences: [api]", "audiences: [api]\n    leeway: soon"), "issuers[0].leeway: expected a duration"),
+    # Found at load, not by each worker as it starts (and is restarted, over and over)
+    (("issuers:\n", 'store: {redis_url: "redis://:pw@h:x/0"}\nissuers:\n'), "store.redis_url: Port could not be cast"),
+    (("issuers:\n", 'store: {redis_url: "redis+sentinel://h:26379"}\nissuers:\n'), "must name the service"),
     (("audiences: [api]", "audiences: [api]\n    leeway: 10m"), "issuers[0].leeway: Input should be less than"),
     (("audiences: [api]", "audiences: [api]\n    leeway: .nan"), "issuers[0].leeway: expected a duration"),
     (("audiences: [api]", "audiences: [api]\n    long_lived_after: .inf"), "a duration of more than 100 years"),
