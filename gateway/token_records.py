@@ -97,7 +97,11 @@ class MintRequest(BaseModel):
             raise ValueError(f"{', '.join(reserved)} reserved: set by the gateway, not by extra claims")
         if any(not name or len(name) > 64 for name in claims):
             raise ValueError("claim names must have 1 to 64 characters")
-        if len(json.dumps(claims, separators=(",", ":"))) > MAX_EXTRA_CLAIMS_BYTES:
+        try:  # a lone surrogate ("\udcff" in JSON, or a CLI argument that is not UTF-8) is no Unicode text
+            encoded = json.dumps(claims, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("claims must be Unicode text (a lone surrogate is not)") from None
+        if len(encoded) > MAX_EXTRA_CLAIMS_BYTES:
             raise ValueError(f"extra claims may take {MAX_EXTRA_CLAIMS_BYTES} bytes of JSON at most")
         return claims
 

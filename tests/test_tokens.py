@@ -394,6 +394,7 @@ BAD_MINTS = [
     ({"subject": "a", "claims": {"iss": "https://evil/"}}, "claims: iss reserved"),
     ({"subject": "a", "claims": {"scope": "admin", "exp": 1}}, "claims: exp, scope reserved"),
     ({"subject": "a", "claims": ["team"]}, "claims: Input should be a valid dictionary"),
+    ({"subject": "a", "claims": {"team": "\udcff"}}, "claims: claims must be Unicode text"),
     ({"subject": "a", "rotate": True}, "rotate applies to refresh keys only"),
     ({"subject": "a", "kind": "id_token"}, "kind: Input should be 'access' or 'refresh'"),
     ({"subject": "a", "scopes": ['tools "read"']}, "scopes.0"),
