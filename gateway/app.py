@@ -8,6 +8,7 @@ the HTTP client session, metrics, background tasks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -28,7 +29,7 @@ from gateway.config import (
     StaticKey,
     TokenLocation,
 )
-from gateway.forwarded import client_address
+from gateway.forwarded import Network, client_address
 from gateway.identity import Identity
 from gateway.listener import Request, RequestView
 from gateway.metrics import Metrics, RouteMetrics
@@ -88,6 +89,7 @@ class Runtime:
     revocation: RevocationCheck
     tokens: TokenService  # the gateway's own tokens: mint, list, revoke, refresh grant
     usage: UsageTracker  # last use of minted tokens, written off the request path
+    trusted_proxies: tuple[Network, ...] = ()  # listen settings take effect at start only, as a reload says
     gateway: Gateway | None = None
     draining: bool = False
     refreshers: dict[int, asyncio.Task[None]] = field(default_factory=dict)
@@ -97,10 +99,14 @@ class Runtime:
         """Fetch keys the new config has not got yet, swap it in, and move the background refreshers over."""
         fresh = [keys for keys in gateway.issuers.values() if id(keys) not in self.refreshers]
         await asyncio.gather(*(keys.refresh() for keys in fresh if not keys.ready))
-        self.gateway = gateway
+        previous, self.gateway = self.gateway, gateway
         if gateway.settings.tokens is not None:
             self.usage.interval = gateway.settings.tokens.last_use_interval
         wanted = {id(keys): keys for keys in gateway.issuers.values()}
+        if previous is not None:
+            for gone in previous.issuers.keys() - gateway.issuers.keys():
+                with contextlib.suppress(KeyError):  # a removed issuer's gauge would read its last count for ever
+                    self.metrics.jwks_keys.remove(gone)
         for key_id in list(self.refreshers):
             if key_id not in wanted:
                 self.refreshers.pop(key_id).cancel()
@@ -120,7 +126,14 @@ class Runtime:
         usage = UsageTracker(store, settings.tokens.last_use_interval if settings.tokens else 60.0)
         tokens = TokenService(store, check, usage)
         return cls(
-            metrics=metrics, session=session, store=store, mirror=mirror, revocation=check, tokens=tokens, usage=usage
+            metrics=metrics,
+            session=session,
+            store=store,
+            mirror=mirror,
+            revocation=check,
+            tokens=tokens,
+            usage=usage,
+            trusted_proxies=settings.listen.trusted_proxies,
         )
 
     async def close(self) -> None:
@@ -142,10 +155,16 @@ def build_gateway(settings: Settings, runtime: Runtime, previous: Gateway | None
     issuers: dict[str, IssuerKeys] = {}
     for issuer in issuer_settings:
         old = previous.issuers.get(issuer.name) if previous else None
-        if old is not None and old.settings == issuer and issuer.name != GATEWAY_ISSUER_NAME:
+        fetched = not issuer.keys and not issuer.hmac_secret_env and issuer.name != GATEWAY_ISSUER_NAME
+        if old is not None and fetched and old.settings == issuer:
             issuers[issuer.name] = old
         else:
-            issuers[issuer.name] = _issuer_keys(issuer, runtime, signer)
+            # Static keys are read again: a reload is how a PEM file replaced on disk (a withdrawn key) takes
+            # effect. A fetched issuer whose key source is unchanged keeps its last good keys: a reload during
+            # the IdP's outage must not leave the issuer with none.
+            same_source = old is not None and fetched and _key_source(old.settings) == _key_source(issuer)
+            last_good = old.keys if old is not None and same_source else None
+            issuers[issuer.name] = _issuer_keys(issuer, runtime, signer, last_good)
     own = settings.tokens.issuer if settings.tokens else None
     verifier = JwtVerifier(issuers, TokenCache[Verified](settings.cache.verified_tokens, runtime.metrics), own)
     shared = runtime.store if isinstance(runtime.store, RedisStore) else None
@@ -181,7 +200,13 @@ def own_issuer_settings(settings: Settings) -> IssuerSettings:
     )
 
 
-def _issuer_keys(issuer: IssuerSettings, runtime: Runtime, signer: Signer | None) -> IssuerKeys:
+def _key_source(issuer: IssuerSettings) -> tuple[object, ...]:
+    return (issuer.issuer, issuer.jwks_uri, issuer.discovery)
+
+
+def _issuer_keys(
+    issuer: IssuerSettings, runtime: Runtime, signer: Signer | None, last_good: KeySet | None = None
+) -> IssuerKeys:
     if issuer.name == GATEWAY_ISSUER_NAME and signer is not None:
         static: KeySet | None = signer.key_set()
     elif issuer.keys:
@@ -195,7 +220,7 @@ def _issuer_keys(issuer: IssuerSettings, runtime: Runtime, signer: Signer | None
         static = KeySet([VerificationKey(kid=None, key=secret.encode(), algorithms=frozenset(issuer.algorithms))])
     else:
         static = None
-    return IssuerKeys(issuer, None if static else runtime.session, runtime.metrics, static=static)
+    return IssuerKeys(issuer, None if static else runtime.session, runtime.metrics, static=static, last_good=last_good)
 
 
 def _route(
@@ -296,6 +321,7 @@ class Handler:
         metrics = self.unmatched
         identity: Identity | None = None
         reason = ""
+        status = CLIENT_GONE  # unless an answer is decided below
         try:
             route = gateway.routes.match(request.method, request.host, request.path)
             metrics = route.metrics
@@ -306,16 +332,22 @@ class Handler:
         except errors.GatewayError as exc:
             reason = exc.reason
             status = refuse(exc)
+        except asyncio.CancelledError:
+            reason = "client_gone"  # the listener cancels a request whose client left (or the drain ran out)
+            raise
         except Exception:
             if client_gone():
+                reason = "client_gone"
                 raise  # the client went away mid-answer; nothing left to tell it
             log.exception("unexpected error", extra={"route": metrics.route})
             reason = "internal"
             status = refuse(errors.GatewayError())
-        elapsed = time.perf_counter() - started
-        metrics.answered(request.method, status, elapsed)
-        if gateway.settings.log.access:
-            _log_access(request, self._client(request), metrics.route, status, elapsed, identity, reason)
+        finally:
+            # Counted and logged however it ended: a hung upstream whose clients give up must still show.
+            elapsed = time.perf_counter() - started
+            metrics.answered(request.method, status, elapsed)
+            if gateway.settings.log.access:
+                _log_access(request, self._client(request), metrics.route, status, elapsed, identity, reason)
 
     def _judge(self, request: RequestView, route: Route) -> Identity | Awaitable[Identity]:
         """As Judge.judge: a token judged before is admitted at once, without a coroutine; the rest is awaited."""
@@ -345,9 +377,12 @@ class Handler:
 
     def _client(self, request: RequestView) -> str | None:
         """The client's address, through the trusted proxies in front of the gateway (forwarded.py)."""
-        gateway = self.runtime.gateway
-        trusted = gateway.settings.listen.trusted_proxies if gateway is not None else ()
-        return client_address(request.remote, request.headers.getall("X-Forwarded-For", ()), trusted)
+        return client_address(
+            request.remote, request.headers.getall("X-Forwarded-For", ()), self.runtime.trusted_proxies
+        )
+
+
+CLIENT_GONE = 499  # nginx's code for a request whose client closed the connection before the answer
 
 
 def _count_denial(route: Route, exc: errors.GatewayError) -> None:

@@ -23,6 +23,6 @@ def compile_check(settings: Settings) -> str | None:
 
     try:
         asyncio.run(build())
-    except (OSError, ValueError) as exc:
-        return str(exc)
+    except Exception as exc:  # noqa: BLE001 - a passphrase-protected key file raises TypeError, ...
+        return str(exc) or type(exc).__name__
     return None

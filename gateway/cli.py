@@ -8,6 +8,7 @@ import asyncio
 import getpass
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -23,6 +24,7 @@ from gateway.revoke import FINAL, RevokeRequest, describe, is_final, unknown_iss
 from gateway.store import Kind, RedisStore, connect_redis, display_url
 from gateway.token_records import MintError, MintRequest, TokenQuery, valid_jti
 from gateway.tokens import TokenService
+from gateway.workers import Supervisor, usable_cpus
 
 DEFAULT_CONFIG = "/etc/gateway/gateway.yaml"
 
@@ -115,11 +117,14 @@ def _load(path: str) -> Settings | None:
 def _run(args: argparse.Namespace) -> int:
     from gateway.server import serve
 
+    # Until this process can reload, a reload asked for (SIGHUP, say by a config manager just after a start) is
+    # ignored, not fatal; serve() and the supervisor install their own handler once they can act on it.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     settings = _load(args.config)
     if settings is None:
         return 1
     logs.setup(settings.log.level)
-    workers = args.workers or ((os.cpu_count() or 1) if settings.store.redis_url else 1)
+    workers = args.workers or (usable_cpus() if settings.store.redis_url else 1)
     if workers > 1 and not args.worker:
         if not settings.store.redis_url:
             print(
@@ -134,8 +139,6 @@ def _run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 1
-        from gateway.workers import Supervisor
-
         return Supervisor(args.config, workers, settings.listen.drain_timeout).run()
     return _run_loop(serve(settings, Path(args.config), reuse_port=args.worker))
 

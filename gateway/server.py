@@ -110,9 +110,12 @@ class Server:
             try:
                 settings = configfile.load(self.config_path)
                 gateway = build_gateway(settings, self.runtime, previous=self.runtime.gateway)
-            except (configfile.ConfigError, OSError, ValueError) as exc:
+            except Exception as exc:  # noqa: BLE001 - a key file cryptography cannot load raises TypeError, ...
                 self.metrics.config_reloads.labels("failure").inc()
-                log.error("config reload refused; the previous config keeps serving", extra={"error": str(exc)})
+                log.error(
+                    "config reload refused; the previous config keeps serving",
+                    extra={"error": str(exc), "error_type": type(exc).__name__},
+                )
                 return False
             if (settings.listen, settings.admin, settings.store) != (
                 self.settings.listen,

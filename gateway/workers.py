@@ -8,6 +8,7 @@ is restarted (with backoff if it keeps dying); SIGTERM and SIGHUP are passed on 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import signal
@@ -20,6 +21,7 @@ from types import FrameType
 log = logging.getLogger(__name__)
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _MAX_BACKOFF = 10.0
+_STABLE = 30.0  # a worker up this long before it died starts the backoff over
 
 
 class Supervisor:
@@ -29,6 +31,7 @@ class Supervisor:
         self.drain_timeout = drain_timeout
         self.procs: dict[int, subprocess.Popen[bytes]] = {}  # slot -> process
         self._restarts: dict[int, tuple[int, float]] = {}  # slot -> (recent failures, not before)
+        self._spawned: dict[int, float] = {}  # slot -> when its process was started (monotonic)
         self._stopping = False
         self._hup = False
         self.metrics_dir = ""
@@ -56,7 +59,10 @@ class Supervisor:
 
     def _spawn(self, slot: int, env: dict[str, str]) -> None:
         cmd = [sys.executable, "-m", "gateway", "run", "--config", self.config_path, "--worker"]
-        self.procs[slot] = subprocess.Popen(cmd, env=env)  # noqa: S603 - our own interpreter and module
+        # The worker starts with SIGHUP ignored (kept across exec) until it installs its own handler: a reload
+        # passed on while it is still starting must not kill it.
+        self.procs[slot] = subprocess.Popen(cmd, env=env, preexec_fn=_ignore_hup)  # noqa: S603, PLW1509 - no threads here
+        self._spawned[slot] = time.monotonic()
 
     def _supervise(self, env: dict[str, str]) -> None:
         if self._hup:
@@ -69,6 +75,8 @@ class Supervisor:
                 continue
             failures, not_before = self._restarts.get(slot, (0, 0.0))
             if not_before == 0.0:
+                if now - self._spawned.get(slot, now) >= _STABLE:
+                    failures = 0  # it had been running fine: this death is not part of a crash loop
                 failures += 1
                 not_before = now + min(_MAX_BACKOFF, 0.1 * 2**failures)
                 self._restarts[slot] = (failures, not_before)
@@ -99,6 +107,24 @@ class Supervisor:
 
     def _on_hup(self, signum: int, frame: FrameType | None) -> None:
         self._hup = True
+
+
+def usable_cpus(cgroup_cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
+    """The CPUs this process may use: its affinity (taskset, cpusets), less a cgroup v2 CPU quota (a container's
+    CPU limit). os.cpu_count() is the host's: 16 workers in a pod limited to one CPU."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        with open(cgroup_cpu_max) as file:
+            quota, period = file.read().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota readable: the affinity decides
+    return max(1, cpus)
+
+
+def _ignore_hup() -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
 def _wipe(directory: str) -> None:

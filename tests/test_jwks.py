@@ -734,3 +734,118 @@ async def status_under(
     config = config_for(idp, upstream).replace("issuers: [corp]}", f"issuers: [corp], {rule}}}")
     async with gateway(config, tmp_path) as gw:
         return (await call(http, gw, token))[0]
+
+
+# --- reload ---
+
+
+async def test_a_reload_reads_static_key_files_again(
+    scripted_idp: ScriptedIdP, upstream: Upstream, rsa_key: Key, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """Replacing a PEM file and reloading is how a withdrawn key stops being trusted."""
+    successor = Key.rsa("rsa-1")
+    (tmp_path / "rsa.pem").write_bytes(rsa_key.public_pem())
+    async with gateway(config_for(scripted_idp, upstream, keys="[{pem_file: rsa.pem, kid: rsa-1}]"), tmp_path) as gw:
+        assert (await call(http, gw, rsa_key.sign()))[0] == 200
+        (tmp_path / "rsa.pem").write_bytes(successor.public_pem())
+        assert await gw.server.reload()
+        assert (await call(http, gw, rsa_key.sign()))[0] == 401
+        assert (await call(http, gw, successor.sign()))[0] == 200
+
+
+async def test_a_reload_during_the_idps_outage_keeps_the_last_good_keys(
+    scripted_idp: ScriptedIdP, upstream: Upstream, rsa_key: Key, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """Changing an issuer's audiences or leeway does not change its key set: a config push while the JWKS endpoint
+    is down must not leave every replica without keys."""
+    scripted_idp.keys = [rsa_key]
+    async with gateway(config_for(scripted_idp, upstream), tmp_path) as gw:
+        assert (await call(http, gw, rsa_key.sign()))[0] == 200
+        scripted_idp.fail = True
+        path = gw.server.config_path
+        assert path is not None
+        path.write_text(path.read_text().replace("    algorithms:", "    leeway: 10s\n    algorithms:"))
+        assert await gw.server.reload()
+        assert (await call(http, gw, rsa_key.sign()))[0] == 200
+        assert await readyz(http, gw) == (200, {"ready": True, "problems": []})
+        assert gw.metric("gateway_jwks_keys", issuer="corp") == 1
+
+
+async def test_the_key_gauge_shows_an_issuer_without_keys_and_forgets_a_removed_one(
+    scripted_idp: ScriptedIdP, upstream: Upstream, rsa_key: Key, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """gateway_jwks_keys == 0 is what the shipped alert watches: an issuer that never got keys must show as 0."""
+    scripted_idp.keys = [rsa_key]
+    scripted_idp.fail = True
+    config = config_for(scripted_idp, upstream).replace("routes:", _SECOND_ISSUER + "routes:")
+    async with gateway(config, tmp_path) as gw:
+        assert key_gauges(gw) == {"corp": 0.0, "spare": 0.0}
+        path = gw.server.config_path
+        assert path is not None
+        path.write_text(path.read_text().replace(_SECOND_ISSUER, ""))
+        assert await gw.server.reload()
+        assert key_gauges(gw) == {"corp": 0.0}
+
+
+def key_gauges(gw: RunningGateway) -> dict[str, float]:
+    return {
+        sample.labels["issuer"]: sample.value
+        for metric in gw.metrics.registry.collect()
+        if metric.name == "gateway_jwks_keys"
+        for sample in metric.samples
+    }
+
+
+_SECOND_ISSUER = """  - name: spare
+    issuer: "https://spare.test/"
+    jwks_uri: "http://127.0.0.1:9/jwks"
+    audiences: [spare]
+"""
+
+
+async def _line_with(stream: asyncio.StreamReader, text: bytes) -> bytes:
+    while True:
+        line = await stream.readline()
+        assert line, f"no line with {text!r} before the stream ended"
+        if text in line:
+            return line
+
+
+async def test_a_sighup_while_the_gateway_starts_is_ignored_not_fatal(
+    scripted_idp: ScriptedIdP, upstream: Upstream, tmp_path: Path
+) -> None:
+    """A reload asked for while the process is still fetching its keys (no handler of its own yet) used to kill
+    it: SIGHUP's default action. A config manager that signals just after a start must not take capacity away."""
+    import signal
+    import sys
+
+    scripted_idp.gate.clear()  # JWKS answers held: the gateway stays in its start-up
+    path = tmp_path / "gateway.yaml"
+    path.write_text(
+        "listen: {host: 127.0.0.1, port: 0}\nadmin: {host: 127.0.0.1, port: 0}\n" + config_for(scripted_idp, upstream)
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "run", "--config", str(path),
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stderr is not None
+    try:
+        async with asyncio.timeout(20):
+            await scripted_idp.fetched.wait()
+            process.send_signal(signal.SIGHUP)
+            scripted_idp.gate.set()
+            while b"gateway listening" not in await process.stderr.readline():
+                assert not process.stderr.at_eof(), "the gateway died"
+            # Once started, SIGHUP reloads (until its handler is installed it is still ignored: send until it is).
+            reloaded = asyncio.create_task(_line_with(process.stderr, b"config reloaded"))
+            while not reloaded.done():
+                process.send_signal(signal.SIGHUP)
+                await asyncio.wait([reloaded], timeout=0.2)
+            await reloaded
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(20):
+            assert await process.wait() == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()

@@ -518,14 +518,19 @@ async def test_idle_connection_is_closed_after_idle_timeout(gw: RunningGateway) 
 
 
 async def test_client_leaving_mid_request_cancels_the_upstream_request(
-    gw: RunningGateway, rich_upstream: RichUpstream
+    gw: RunningGateway, rich_upstream: RichUpstream, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """And it is counted and logged, as nginx's 499: a hung upstream whose clients give up must still show."""
+    caplog.set_level(logging.INFO, logger="gateway.access")
     async with connection(gw) as (reader, writer):
         writer.write(b"GET /slow?s=30 HTTP/1.1\r\nHost: x\r\n\r\n")
         async with asyncio.timeout(10):
             await rich_upstream.slow_started.wait()
             writer.close()
             await rich_upstream.slow_cancelled.wait()  # the gateway dropped its upstream connection
+    assert gw.metric("gateway_http_requests_total", route="open", method="GET", code="499") == 1
+    access = [r for r in caplog.records if r.name == "gateway.access" and getattr(r, "path", "") == "/slow"]
+    assert [(getattr(r, "status", None), getattr(r, "reason", None)) for r in access] == [(499, "client_gone")]
 
 
 async def test_a_client_that_stops_reading_is_cut_off_after_send_timeout(
@@ -681,3 +686,23 @@ async def test_answers_carry_one_date(gw: RunningGateway) -> None:
             async with asyncio.timeout(10):
                 _, headers, _ = await read_answer(reader)
             assert headers["date"].endswith(" GMT") and headers["date"].count("GMT") == 1
+
+
+async def test_trusted_proxies_change_at_a_restart_not_at_a_reload(
+    rich_upstream: RichUpstream, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As the reload's own warning says of listen settings: a reload that trusts every address must not start
+    believing X-Forwarded-For (nor skip the warning a start gives for it)."""
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    async for gw in start_gateway(open_route_config(rich_upstream.url), tmp_path):
+        path = gw.server.config_path
+        assert path is not None
+        path.write_text(path.read_text().replace("port: 0}", "port: 0, trusted_proxies: [0.0.0.0/0]}", 1))
+        assert "trusted_proxies" in path.read_text()
+        assert await gw.server.reload()
+        async with connection(gw) as (reader, writer):
+            writer.write(b"GET /who HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n")
+            async with asyncio.timeout(10):
+                assert (await read_answer(reader))[0] == 200
+    clients = [getattr(r, "client", None) for r in caplog.records if getattr(r, "path", "") == "/who"]
+    assert clients == ["127.0.0.1"]

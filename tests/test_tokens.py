@@ -25,7 +25,7 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import generate_latest
 
-from gateway import oauth, signing
+from gateway import configfile, oauth, signing
 from gateway.config import StoreSettings, TokensSettings
 from gateway.store import LastUse, MemoryStore, RedisStore, Revocation, connect_redis
 from gateway.token_records import MintError, MintRequest
@@ -1009,3 +1009,31 @@ async def test_a_store_that_does_not_answer_in_time_may_have_made_the_change(
         code, answer = await admin(http, gw, "POST", "/admin/revocations", json={"jti": "x"})
         assert code == 503 and "which may have been made" in answer["error_description"]
         private_redis.start()
+
+
+async def test_a_key_file_the_loader_cannot_read_is_a_refused_reload_and_a_check_config_problem(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    """A passphrase-protected key raises TypeError in cryptography: it escaped the reload's error handling (no log
+    line, no failure count, so the alert on failed reloads could not fire) and crashed check-config."""
+    from cryptography.hazmat.primitives import serialization
+
+    from gateway.checks import compile_check
+
+    good = key_file(tmp_path)
+    async for gw in running(config(upstream, [good]), tmp_path):
+        protected = tmp_path / "protected.pem"
+        protected.write_bytes(
+            signing.generate("ES256").private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.BestAvailableEncryption(b"passphrase"),
+            )
+        )
+        path = gw.server.config_path
+        assert path is not None
+        path.write_text(path.read_text().replace(good, str(protected)))
+        assert await gw.server.reload() is False
+        assert gw.metric("gateway_config_reloads_total", outcome="failure") == 1
+        problem = await asyncio.to_thread(compile_check, configfile.load(path))
+        assert problem is not None and "encrypted" in problem

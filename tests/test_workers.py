@@ -126,3 +126,21 @@ def _total_in(directory: Path) -> float:
     MultiProcessCollector(registry, str(directory))  # type: ignore[no-untyped-call]
     value = registry.get_sample_value("gateway_http_requests_total", {"route": "open", "method": "GET", "code": "200"})
     return 0.0 if value is None else value
+
+
+def test_the_default_worker_count_is_the_cpus_this_process_may_use(tmp_path: Path) -> None:
+    """Affinity, less a cgroup v2 quota: os.cpu_count() is the host's, 16 workers in a pod limited to one CPU."""
+    from gateway.workers import usable_cpus
+
+    original = os.sched_getaffinity(0)
+    affinity = len(original)
+    cpu_max = tmp_path / "cpu.max"
+    for quota, expected in (("max 100000", affinity), ("25000 100000", 1), ("150000 100000", min(affinity, 2))):
+        cpu_max.write_text(quota + "\n")
+        assert usable_cpus(str(cpu_max)) == expected, quota
+    assert usable_cpus(str(tmp_path / "absent")) == affinity
+    os.sched_setaffinity(0, {min(original)})
+    try:
+        assert usable_cpus(str(tmp_path / "absent")) == 1
+    finally:
+        os.sched_setaffinity(0, original)

@@ -39,9 +39,10 @@ class IssuerKeys:
         metrics: Metrics,
         static: KeySet | None = None,
         clock: Callable[[], float] = time.monotonic,
+        last_good: KeySet | None = None,
     ) -> None:
         self.settings = settings
-        self.keys: KeySet | None = static
+        self.keys: KeySet | None = static or last_good  # last_good: from a reload that kept the key source
         self._static = static is not None
         self._session = session
         self._metrics = metrics
@@ -51,8 +52,8 @@ class IssuerKeys:
         self._fetching: asyncio.Task[bool] | None = None
         self._next_refresh = settings.jwks_refresh_interval
         self._failures = 0
-        if static is not None:
-            metrics.jwks_keys.labels(settings.name).set(len(static))
+        # 0 until keys arrive: an issuer that never got any must show, for the alert on gateway_jwks_keys == 0.
+        metrics.jwks_keys.labels(settings.name).set(len(self.keys) if self.keys is not None else 0)
 
     @property
     def ready(self) -> bool:
