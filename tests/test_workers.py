@@ -144,3 +144,35 @@ def test_the_default_worker_count_is_the_cpus_this_process_may_use(tmp_path: Pat
         assert usable_cpus(str(tmp_path / "absent")) == 1
     finally:
         os.sched_setaffinity(0, original)
+
+
+def test_a_worker_that_ran_a_while_before_dying_starts_the_restart_backoff_over(tmp_path: Path) -> None:
+    """The backoff is for crash loops: seven deaths spread over days made every later restart wait 10 s."""
+    import subprocess
+    import sys
+
+    from gateway.workers import Supervisor
+
+    class Exiting(Supervisor):
+        """Workers that exit at once (a real process each), started `ran` seconds ago as far as the clock knows."""
+
+        ran = 0.0
+
+        def _spawn(self, slot: int, env: dict[str, str]) -> None:
+            self.procs[slot] = subprocess.Popen([sys.executable, "-c", "pass"])
+            self._spawned[slot] = time.monotonic() - self.ran
+
+    supervisor = Exiting(str(tmp_path / "unused.yaml"), 1, 1.0)
+    supervisor.metrics_dir = str(tmp_path)
+    supervisor._restarts[0] = (6, 0.0)  # six quick deaths before
+    supervisor._spawn(0, {})
+    supervisor.procs[0].wait()
+    supervisor._supervise({})
+    assert supervisor._restarts[0][0] == 7, "one more quick death: the backoff grows"
+    supervisor.procs[0].wait()
+    supervisor._restarts[0] = (7, 0.0)
+    supervisor.ran = 60.0
+    supervisor._spawn(0, {})
+    supervisor.procs[0].wait()
+    supervisor._supervise({})
+    assert supervisor._restarts[0][0] == 1, "a worker up for a minute was not crash-looping"
