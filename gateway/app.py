@@ -284,6 +284,11 @@ class Handler:
 
         await self._handle(gateway, request, forward, refuse, lambda: request.client_gone)
 
+    def refused(self, status: int) -> None:
+        """A request the listener refused before it could be read whole (400, 414, 431, 501, 505): counted as
+        unmatched, with no method to name (the listener logs it)."""
+        self.unmatched.answered("other", status, 0.0)
+
     async def upgrade(self, request: web.BaseRequest) -> web.StreamResponse:
         gateway = self.runtime.gateway
         assert gateway is not None  # noqa: S101 - installed before the listener starts

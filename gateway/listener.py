@@ -693,6 +693,8 @@ class Connection(asyncio.Protocol):
         head = f"HTTP/1.1 {error.status} {_phrase(error.status)}\r\nContent-Type: application/json\r\n"
         self.write(f"{head}Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
         self._linger()
+        if self.listener.refused is not None:
+            self.listener.refused(error.status)
 
     # --- used by Request and Body ----------------------------------------------------------------------------
     @property
@@ -758,8 +760,10 @@ class Listener:
         max_header_bytes: int,
         idle_timeout: float,
         send_timeout: float = 60.0,
+        refused: Callable[[int], None] | None = None,
     ) -> None:
         self.serve = serve
+        self.refused = refused  # told the status of each request refused before it could be served
         self.aiohttp_server = aiohttp_server  # serves the connections handed over (WebSocket)
         self.max_line = max_header_bytes
         self.idle_timeout = idle_timeout

@@ -86,7 +86,7 @@ class Server:
             handler.upgrade, handler_cancellation=True, max_field_size=listen.max_header_bytes, access_log=None
         )
         self._listener = Listener(
-            handler.serve, upgrades, listen.max_header_bytes, listen.idle_timeout, listen.send_timeout
+            handler.serve, upgrades, listen.max_header_bytes, listen.idle_timeout, listen.send_timeout, handler.refused
         )
         admin_runner = web.AppRunner(admin_app(runtime, self.settings.admin.token_env), access_log=None)
         await admin_runner.setup()

@@ -363,6 +363,8 @@ async def test_unknown_methods_get_501_and_other_http_versions_505(
         assert json.loads(answer[2]) == {"error": "invalid_request", "error_description": description}
         assert await closed_by_server(reader) == b""
     assert rich_upstream.requests == []
+    # Counted, though no route was matched and no method can be named.
+    assert gw.metric("gateway_http_requests_total", route="unmatched", method="other", code=str(status)) == 1
 
 
 @pytest.mark.parametrize(
