@@ -24,7 +24,7 @@ from gateway.revoke import FINAL, RevokeRequest, describe, is_final, unknown_iss
 from gateway.store import Kind, RedisStore, connect_redis, display_url
 from gateway.token_records import MintError, MintRequest, TokenQuery, valid_jti
 from gateway.tokens import TokenService
-from gateway.workers import Supervisor, usable_cpus
+from gateway.workers import Supervisor, address_in_use, usable_cpus
 
 DEFAULT_CONFIG = "/etc/gateway/gateway.yaml"
 
@@ -136,6 +136,14 @@ def _run(args: argparse.Namespace) -> int:
         if settings.listen.port == 0:
             print(
                 f"{args.config}: --workers {workers} needs a fixed listen.port (0 would give each its own)",
+                file=sys.stderr,
+            )
+            return 1
+        listen, admin = settings.listen, settings.admin
+        taken = address_in_use([(listen.host, listen.port), (admin.host, admin.port)])
+        if taken is not None:
+            print(
+                f"{args.config}: {taken} is in use (another gateway?); workers share ports only among themselves",
                 file=sys.stderr,
             )
             return 1

@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -121,6 +122,22 @@ def usable_cpus(cgroup_cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
     except (OSError, ValueError):
         pass  # no cgroup v2 quota readable: the affinity decides
     return max(1, cpus)
+
+
+def address_in_use(addresses: list[tuple[str, int]]) -> str | None:
+    """The first `host:port` something already listens on, or None. Workers bind with SO_REUSEPORT, which would let
+    a second `gateway run --workers` join the first's ports silently and split its traffic (and scrapes)."""
+    for host, port in addresses:
+        if port == 0:
+            continue
+        for family, kind, proto, _, address in socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM):
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio binds: TIME_WAIT is fine
+                try:
+                    probe.bind(address)
+                except OSError:
+                    return f"{host}:{port}"
+    return None
 
 
 def _ignore_hup() -> None:

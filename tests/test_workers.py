@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -87,6 +89,13 @@ async def test_workers_share_the_port_and_metrics_restart_and_get_every_signal(
         pids = {int(entry["pid"]) for entry in started}
         assert len(pids) == WORKERS and gw.pid not in pids
         assert {int(entry["proxy_port"]) for entry in started} == {port}
+        # A second supervisor on the same ports would join them (SO_REUSEPORT) and split traffic and scrapes.
+        second = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "gateway", "run", "--config", str(gw.config_path), "--workers", "2"],
+            capture_output=True, text=True, timeout=60, env={**os.environ, **env},
+        )  # fmt: skip
+        assert second.returncode == 1 and f"127.0.0.1:{port} is in use" in second.stderr, second.stderr
 
         assert await _get_on_new_connections(gw.url, 40) == [200] * 40
         await _until_answered(gw, scraper, 40)
@@ -148,9 +157,6 @@ def test_the_default_worker_count_is_the_cpus_this_process_may_use(tmp_path: Pat
 
 def test_a_worker_that_ran_a_while_before_dying_starts_the_restart_backoff_over(tmp_path: Path) -> None:
     """The backoff is for crash loops: seven deaths spread over days made every later restart wait 10 s."""
-    import subprocess
-    import sys
-
     from gateway.workers import Supervisor
 
     class Exiting(Supervisor):
