@@ -16,7 +16,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 ## make run: install and start the gateway on its embedded demo configuration.
 run: $(STAMP)
-	$(BIN)/gateway demo
+	$(BIN)/gateway demo $(DEMO_ARGS)
 
 ## make test: ruff, mypy (strict) and the whole pytest suite.
 test: $(STAMP)

@@ -424,11 +424,9 @@ def _tokens_revoke(args: argparse.Namespace) -> int:
     return _with_tokens(args, work)
 
 
-def _run_loop(main: Coroutine[Any, Any, Any]) -> int:
+def _run_loop(main: Coroutine[Any, Any, int]) -> int:
     try:
         import uvloop
-
-        uvloop.run(main)
     except ImportError:
-        asyncio.run(main)
-    return 0
+        return asyncio.run(main)
+    return uvloop.run(main)

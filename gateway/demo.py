@@ -13,7 +13,7 @@ from pathlib import Path
 from aiohttp import web
 
 from gateway import configfile, signing
-from gateway.server import Server
+from gateway.server import Server, start_or_explain
 
 DEMO_ISSUER = "http://demo.gateway.local/"
 
@@ -50,7 +50,7 @@ async def _echo(request: web.Request) -> web.Response:
     return web.json_response({"upstream": "demo", "method": request.method, "path": request.path, "headers": seen})
 
 
-async def run_demo(port: int, admin_port: int) -> None:
+async def run_demo(port: int, admin_port: int) -> int:
     upstream = web.Application()
     upstream.router.add_route("*", "/{tail:.*}", _echo)
     upstream_runner = web.AppRunner(upstream, access_log=None)
@@ -74,7 +74,10 @@ async def run_demo(port: int, admin_port: int) -> None:
         )
         settings = configfile.load(config_path)
         server = Server(settings, config_path)
-        ports = await server.start()
+        ports = await start_or_explain(server)
+        if ports is None:
+            await upstream_runner.cleanup()
+            return 1
         now = int(time.time())
         token = signing.Signer.from_files((str(key_path),)).sign(
             {"iss": DEMO_ISSUER, "sub": "demo-user", "aud": "demo-api", "scope": "demo:read",
@@ -89,6 +92,7 @@ async def run_demo(port: int, admin_port: int) -> None:
         finally:
             await server.stop()
             await upstream_runner.cleanup()
+    return 0
 
 
 def _print_intro(port: int, admin_port: int, token: str, config_path: Path) -> None:

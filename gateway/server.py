@@ -194,10 +194,22 @@ def _port(runner: web.BaseRunner) -> int:
     raise RuntimeError("the listener has no address")
 
 
-async def serve(settings: Settings, config_path: Path | None, reuse_port: bool = False) -> None:
-    """Run until SIGTERM or SIGINT; SIGHUP reloads."""
+async def start_or_explain(server: Server) -> Listening | None:
+    """Start; or, when that fails on the host (a port in use, an address not on it, an unreadable file), log why in
+    one line, undo what was started, and return None: an operator needs the reason, not a traceback."""
+    try:
+        return await server.start()
+    except OSError as exc:
+        log.error("cannot start", extra={"error": str(exc)})
+        await server.stop()
+        return None
+
+
+async def serve(settings: Settings, config_path: Path | None, reuse_port: bool = False) -> int:
+    """Run until SIGTERM or SIGINT; SIGHUP reloads. The exit code: 1 if it could not start."""
     server = Server(settings, config_path, reuse_port=reuse_port)
-    await server.start()
+    if await start_or_explain(server) is None:
+        return 1
     # Everything built at start lives as long as the process: move it out of the collector's way, and collect
     # the young generation less often, so full collections (which stall every request in flight) are rarer.
     gc.collect()
@@ -223,3 +235,4 @@ async def serve(settings: Settings, config_path: Path | None, reuse_port: bool =
     log.info("stopping: draining in-flight requests", extra={"drain_timeout_s": settings.listen.drain_timeout})
     await server.stop()
     log.info("stopped", extra={"pid": os.getpid()})
+    return 0

@@ -27,6 +27,7 @@ from tests.support import (
     Key,
     RichUpstream,
     gateway_process,
+    open_route_config,
     run_cli,
     serve_app_cancelling,
 )
@@ -433,3 +434,31 @@ def test_log_lines_never_carry_a_bearer_token_or_jwt() -> None:
     assert "opaque-Tok3n" not in line and jwt_like not in line
     assert entry["msg"] == "sent Authorization: [redacted]"
     assert entry["header"] == "token=[redacted]"
+
+
+@pytest.mark.parametrize("command", [("run", "--config", "{config}"), ("demo", "--port", "{port}")])
+async def test_a_port_in_use_is_one_clear_line_and_exit_1(
+    command: tuple[str, ...], rich_upstream: RichUpstream, tmp_path: Path
+) -> None:
+    """Not a traceback and an "Unclosed client session" error: what is in the way is all an operator needs."""
+    import socket
+    import subprocess
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "gw.yaml"
+        config.write_text(
+            open_route_config(rich_upstream.url).replace(
+                "listen: {host: 127.0.0.1, port: 0}", f"listen: {{host: 127.0.0.1, port: {port}}}"
+            )
+        )
+        args = [part.format(config=config, port=port) for part in command]
+        done = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "gateway", *args], capture_output=True, text=True, timeout=60
+        )
+    assert done.returncode == 1, done.stderr
+    errors = [json.loads(line) for line in done.stderr.splitlines() if '"level":"error"' in line]
+    assert [e["msg"] for e in errors] == ["cannot start"] and "address already in use" in errors[0]["error"]
+    assert "Traceback" not in done.stderr
