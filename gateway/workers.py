@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 from types import FrameType
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,8 @@ class Supervisor:
         self._spawned[slot] = time.monotonic()
 
     def _supervise(self, env: dict[str, str]) -> None:
-        if self._hup:
+        hup = self._hup
+        if hup:
             self._hup = False
             self._signal_all(signal.SIGHUP)
         now = time.monotonic()
@@ -83,9 +85,28 @@ class Supervisor:
                 self._restarts[slot] = (failures, not_before)
                 log.error("worker exited; restarting", extra={"pid": proc.pid, "code": code, "slot": slot})
                 _mark_dead(proc.pid, self.metrics_dir)
-            if now >= not_before:
+            if now >= not_before or hup:
+                problem = self._config_problem()
+                if problem is not None:
+                    # The file changed since the running workers read it, and does not load: a worker started
+                    # from it would only die again. Wait for a fix (a SIGHUP retries at once).
+                    self._restarts[slot] = (failures, now + _MAX_BACKOFF)
+                    log.error(
+                        "worker not restarted: the config file does not load; fix it and send SIGHUP",
+                        extra={"slot": slot, "error": problem},
+                    )
+                    continue
                 self._restarts[slot] = (failures, 0.0)
                 self._spawn(slot, env)
+
+    def _config_problem(self) -> str | None:
+        from gateway import configfile  # the supervisor loads no more than it needs until a worker dies
+
+        try:
+            configfile.load(Path(self.config_path))
+        except Exception as exc:  # noqa: BLE001 - whatever stops a worker from starting
+            return str(exc)
+        return None
 
     def _shutdown(self) -> int:
         self._signal_all(signal.SIGTERM)

@@ -182,3 +182,27 @@ def test_a_worker_that_ran_a_while_before_dying_starts_the_restart_backoff_over(
     supervisor.procs[0].wait()
     supervisor._supervise({})
     assert supervisor._restarts[0][0] == 1, "a worker up for a minute was not crash-looping"
+
+
+async def test_a_worker_is_not_restarted_from_a_config_file_that_does_not_load(
+    upstream: Upstream, tmp_path: Path, redis_url: str, key_prefix: str
+) -> None:
+    """A bad edit the reload refused, then a worker's death: starting it from the file would only crash it again
+    and again. It waits for a fix; the SIGHUP that follows the fix starts it."""
+    port, admin = free_port(), free_port()
+    async with gateway_process(
+        _config(upstream, redis_url, key_prefix, port, admin), tmp_path, args=("--workers", "2")
+    ) as gw:
+        pids = {int(entry["pid"]) for entry in await gw.wait_for_logs(_listening, 2)}
+        good = gw.config_path.read_text()
+        gw.config_path.write_text(good + "bogus_field: 1\n")
+        victim = min(pids)
+        os.kill(victim, signal.SIGKILL)
+        waiting = await gw.wait_for_log(lambda e: e.get("msg", "").startswith("worker not restarted"))
+        assert "bogus_field" in waiting["error"]
+        assert [e for e in gw.logs() if e.get("msg") == "gateway listening" and int(e["pid"]) not in pids] == []
+        gw.config_path.write_text(good)
+        gw.signal(signal.SIGHUP)
+        replacement = await gw.wait_for_logs(_listening, 3)
+        assert int(replacement[-1]["pid"]) not in pids
+        assert await _get_on_new_connections(gw.url, 10) == [200] * 10
