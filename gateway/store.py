@@ -67,6 +67,11 @@ def member(value: str, issuer: str | None) -> str:
     return value if issuer is None else f"{issuer}{SEPARATOR}{value}"
 
 
+def cutoff_in(cutoffs: Mapping[str, float], subject: str, issuer: str) -> float:
+    """The latest of `cutoffs` (subject members) revoking `issuer`'s tokens of `subject`: its own or every issuer's."""
+    return max(cutoffs.get(member(subject, None), 0.0), cutoffs.get(member(subject, issuer), 0.0))
+
+
 def parse_member(kind: Kind, raw: str, until: float) -> Revocation:
     issuer, sep, value = raw.partition(SEPARATOR)
     return Revocation(kind, value, until, issuer) if sep else Revocation(kind, raw, until)
@@ -314,7 +319,7 @@ class MemoryStore:
         return [parse_member(kind, m, v) for m, v in rows[offset : offset + limit]]
 
     async def subject_cutoff(self, subject: str, issuer: str) -> float:
-        return max(self.subjects.get(member(subject, None), 0.0), self.subjects.get(member(subject, issuer), 0.0))
+        return cutoff_in(self.subjects, subject, issuer)
 
     async def subject_cutoffs(self) -> dict[str, float]:
         return dict(self.subjects)  # checked on the way in: always finite

@@ -37,7 +37,7 @@ from gateway.identity import Identity
 from gateway.revocation import RevocationCheck
 from gateway.revoke import FOREVER
 from gateway.signing import Signer
-from gateway.store import TOKEN_RETENTION, Revocation, Store, member
+from gateway.store import TOKEN_RETENTION, Revocation, Store, cutoff_in
 from gateway.token_records import (
     ACCESS_TYP,
     JWKS_PATH,
@@ -469,9 +469,7 @@ def _covered(record: TokenRecord, cutoff: float) -> TokenRecord:
 def _subject_covered(record: TokenRecord | None, cutoffs: dict[str, float]) -> TokenRecord | None:
     if record is None or not cutoffs:
         return record
-    subject = record.subject
-    cutoff = max(cutoffs.get(member(subject, None), 0.0), cutoffs.get(member(subject, GATEWAY_ISSUER_NAME), 0.0))
-    return _covered(record, cutoff)
+    return _covered(record, cutoff_in(cutoffs, record.subject, GATEWAY_ISSUER_NAME))
 
 
 def _new_jti() -> str:
