@@ -16,14 +16,13 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
-from redis.exceptions import RedisError
 
 from gateway import jsontext
 from gateway.app import Runtime, readiness
 from gateway.metrics import exposition
 from gateway.oauth import discovery_response, jwks_response
 from gateway.revoke import FINAL, RevokeRequest, describe, is_final, unknown_issuer
-from gateway.store import Kind
+from gateway.store import STORE_ERRORS, Kind
 from gateway.token_records import (
     DISCOVERY_PATH,
     JWKS_PATH,
@@ -87,7 +86,7 @@ async def _require_admin_token(request: web.Request, handler: Handler) -> web.St
         return response
     try:
         return await handler(request)
-    except (RedisError, OSError) as exc:
+    except STORE_ERRORS as exc:
         log.warning("admin request failed: store error", extra={"path": request.path, "error": type(exc).__name__})
         if request.method in ("GET", "HEAD"):
             description = "the store (Redis) is unavailable"

@@ -16,12 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
-from redis.exceptions import RedisError
 
 from gateway import configfile, jsontext, logs, signing
 from gateway.config import Settings
 from gateway.revoke import FINAL, RevokeRequest, describe, is_final, unknown_issuer
-from gateway.store import Kind, RedisStore, connect_redis, display_url
+from gateway.store import STORE_ERRORS, Kind, RedisStore, connect_redis, display_url
 from gateway.token_records import MintError, MintRequest, TokenQuery, valid_jti
 from gateway.tokens import TokenService
 from gateway.workers import Supervisor, address_in_use, usable_cpus
@@ -219,7 +218,7 @@ def _with_store(
         store = RedisStore(connect_redis(settings.store), settings.store.key_prefix)
         try:
             return await work(store)
-        except (RedisError, OSError) as exc:
+        except STORE_ERRORS as exc:
             # redis-py retries a command that timed out or lost its connection: a change may have been made.
             where = display_url(settings.store.redis_url)
             print(f"Redis at {where} failed: {exc}; a change may have been made: look before retrying", file=sys.stderr)

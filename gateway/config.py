@@ -19,6 +19,7 @@ from pydantic import (
     ConfigDict,
     Field,
     IPvAnyNetwork,
+    ValidationInfo,
     WithJsonSchema,
     field_validator,
     model_validator,
@@ -131,9 +132,16 @@ class LogSettings(Model):
 
 class StoreSettings(Model):
     redis_url: str = Field(
-        "", description="Redis URL (redis://, rediss://, redis+sentinel://). Empty: in-process memory store."
+        "",
+        description="Redis URL (redis://, rediss://, unix://, redis+sentinel://, redis+cluster://). Empty: in-process "
+        "memory store.",
     )
-    key_prefix: str = Field("gw:", description="Prefix of every Redis key; isolates deployments sharing a Redis.")
+    key_prefix: str = Field(
+        "gw:",
+        description="Prefix of every Redis key; isolates deployments sharing a Redis. With Redis Cluster it must hold "
+        'a hash tag, e.g. "{gw}:", so that every key lands in one slot.',
+        validate_default=True,  # the default has none: refused with a cluster URL
+    )
     max_staleness: Duration = Field(
         5.0, description="How old the revocation mirror may get before on_unavailable applies."
     )
@@ -147,8 +155,17 @@ class StoreSettings(Model):
         if url:
             from gateway.store import connect_redis  # store imports this module
 
-            connect_redis(cls.model_construct(redis_url=url))  # ValueError, with no part of the URL in it
+            # ValueError, with no part of the URL in it; the prefix is checked on its own field, below
+            connect_redis(cls.model_construct(redis_url=url, key_prefix="{gw}:"))
         return url
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _one_slot(cls, prefix: str, info: ValidationInfo) -> str:
+        from gateway.store import check_cluster_prefix
+
+        check_cluster_prefix(info.data.get("redis_url", ""), prefix)
+        return prefix
 
 
 class StaticKey(Model):

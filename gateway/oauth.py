@@ -9,10 +9,10 @@ import logging
 import urllib.parse
 
 from aiohttp import web
-from redis.exceptions import RedisError
 
 from gateway import errors
 from gateway.listener import Request
+from gateway.store import STORE_ERRORS
 from gateway.token_records import JWKS_PATH, MAX_FORM_BYTES, NO_STORE, TOKEN_PATH, OAuthError
 from gateway.tokens import Issuer, TokenService
 
@@ -63,7 +63,7 @@ async def _token_endpoint(request: Request, service: TokenService, issuer: Issue
         return _oauth_error(400, exc.error, exc.description)
     except errors.DependencyUnavailable as exc:
         return _oauth_error(503, "temporarily_unavailable", exc.description, {"Retry-After": str(exc.retry_after)})
-    except (RedisError, OSError, TimeoutError) as exc:
+    except STORE_ERRORS as exc:
         log.error("token request failed: store unreachable", extra={"error": type(exc).__name__})
         return _oauth_error(503, "temporarily_unavailable", "the token store is unavailable", {"Retry-After": "5"})
     return web.json_response(body, headers=NO_STORE)

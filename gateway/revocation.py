@@ -15,12 +15,10 @@ import math
 import time
 from typing import Literal
 
-from redis.exceptions import RedisError
-
 from gateway import errors
 from gateway.identity import Identity
 from gateway.metrics import Metrics, multiprocess
-from gateway.store import SEPARATOR, MemoryStore, RedisStore, RevocationStore
+from gateway.store import SEPARATOR, STORE_ERRORS, MemoryStore, RedisStore, RevocationStore
 
 log = logging.getLogger(__name__)
 
@@ -118,18 +116,23 @@ class Mirror:
                 await asyncio.sleep(self._resync_interval)
                 await self.full_sync()
         backoff = 0.05
+        unforeseen: type[Exception] | None = None  # logged once per streak, with its traceback
         while True:
             try:
                 await self._follow(self.store)
-            except (RedisError, OSError, TimeoutError) as exc:
+            except Exception as exc:  # a store error, or one not foreseen: either way the mirror must not stop
                 self._publish_age()
-                if self._up:
+                if not isinstance(exc, STORE_ERRORS):
+                    if type(exc) is not unforeseen:
+                        log.exception("revocation mirror: unexpected error; reconnecting")
+                    unforeseen = type(exc)
+                elif self._up:
                     log.error("store unreachable; revocation mirror is ageing", extra={"error": type(exc).__name__})
                 self._set_up(False)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
             else:
-                backoff = 0.05
+                backoff, unforeseen = 0.05, None
 
     def _publish_age(self) -> None:
         if multiprocess():
@@ -140,6 +143,7 @@ class Mirror:
         self._metrics.store_up.set(1 if up else 0)
 
     async def _follow(self, store: RedisStore) -> None:
+        await store.reach()
         pubsub = store.client.pubsub()
         resync: asyncio.Task[None] | None = None
         try:

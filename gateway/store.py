@@ -2,7 +2,7 @@
 
     {prefix}revoked:jti   sorted set   member = jti (or "{issuer}\\x1f{jti}" when scoped), score = token exp
     {prefix}revoked:sub   hash         subject (or "{issuer}\\x1f{subject}") -> cut-off: tokens issued before it
-    {prefix}revocations   channel      one JSON notice per change, published in the same MULTI as the change
+    {prefix}revocations   channel      one JSON notice per change, published by the script that makes it
 
 Writes are idempotent (ZADD/HSET of the same value change nothing) and atomic with their notice.
 
@@ -36,7 +36,9 @@ from typing import Any, Literal, Protocol
 from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import Sentinel
+from redis.exceptions import RedisClusterException, RedisError
 
 from gateway.config import StoreSettings
 
@@ -124,18 +126,25 @@ class Store(RevocationStore, TokenStore, Protocol):
     """Everything the gateway keeps: revocations and the metadata of the tokens it minted."""
 
 
-# KEYS[1] = token hash. ARGV = at, client, user agent. first_seen only goes down, last_used_at only up, so two
-# instances flushing out of order never move them backwards; nothing is written for an unknown (or purged) token.
-_RECORD_USE = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-local at = tonumber(ARGV[1])
-local first = tonumber(redis.call('HGET', KEYS[1], 'first_seen'))
-if not first or at < first then redis.call('HSET', KEYS[1], 'first_seen', ARGV[1]) end
-local last = tonumber(redis.call('HGET', KEYS[1], 'last_used_at'))
-if last and last >= at then return 0 end
-redis.call('HSET', KEYS[1], 'last_used_at', ARGV[1], 'last_client', ARGV[2], 'last_user_agent', ARGV[3])
+# KEYS = token hashes. ARGV = at, client, user agent of each, in order. first_seen only goes down, last_used_at only
+# up, so two instances flushing out of order never move them backwards; nothing is written for an unknown (or
+# purged) token.
+_RECORD_USES = """
+for i, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 1 then
+    local text = ARGV[3 * i - 2]
+    local at = tonumber(text)
+    local first = tonumber(redis.call('HGET', key, 'first_seen'))
+    if not first or at < first then redis.call('HSET', key, 'first_seen', text) end
+    local last = tonumber(redis.call('HGET', key, 'last_used_at'))
+    if not last or last < at then
+      redis.call('HSET', key, 'last_used_at', text, 'last_client', ARGV[3 * i - 1], 'last_user_agent', ARGV[3 * i])
+    end
+  end
+end
 return 1
 """
+USES_PER_CALL = 500  # a script holds Redis while it runs: a flush of many tokens is cut into short ones
 # KEYS[1] = token hash. ARGV = first field (set once), its value, then pairs set along with it the first time.
 # Returns 0: no such token, 1: set now, 2: had been set before (nothing changed).
 _SET_ONCE = """
@@ -146,9 +155,55 @@ return 1
 """
 _OUTCOMES: dict[int, WriteOutcome] = {0: "missing", 1: "done", 2: "already"}
 
+# Writes that span keys, or a key and a notice, are scripts rather than MULTIs: atomic alike, and a cluster runs them
+# (its MULTIs take no PUBLISH, which has no key to route by). Every key a script touches is in KEYS, in one slot.
+#
+# KEYS[1] = revoked:jti or revoked:sub. ARGV = kind, member, value (exp or cut-off), channel, notice.
+_REVOKE = """
+if ARGV[1] == 'jti' then redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
+else redis.call('HSET', KEYS[1], ARGV[2], ARGV[3]) end
+redis.call('PUBLISH', ARGV[4], ARGV[5])
+return 1
+"""
+# KEYS[1] = revoked:jti or revoked:sub. ARGV = kind, member, channel, notice. Returns 1 if it was there.
+_UNREVOKE = """
+local removed
+if ARGV[1] == 'jti' then removed = redis.call('ZREM', KEYS[1], ARGV[2])
+else removed = redis.call('HDEL', KEYS[1], ARGV[2]) end
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+return removed
+"""
+# KEYS = token hash, tokens index, purge index[, family]. ARGV = jti, expire-at (whole seconds), created_at,
+# purge_at, exp (for the family), then the hash's field/value pairs.
+_KEEP_MINTED = """
+redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+redis.call('EXPIREAT', KEYS[1], ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
+if KEYS[4] then
+  redis.call('ZADD', KEYS[4], ARGV[5], ARGV[1])
+  redis.call('EXPIREAT', KEYS[4], ARGV[2])
+end
+return 1
+"""
+# KEYS[1] = family. ARGV = jti, exp, now, expire-at (whole seconds).
+_JOIN_FAMILY = """
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
+redis.call('EXPIREAT', KEYS[1], ARGV[4])
+return 1
+"""
+
+
+RedisClient = aioredis.Redis | RedisCluster
+STORE_ERRORS = (RedisError, RedisClusterException, OSError)  # OSError: TimeoutError too
+"""What a store that is down or unreachable raises. A cluster client that reaches no node raises
+RedisClusterException, which is not a RedisError."""
+CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
+
 
 class RedisStore:
-    def __init__(self, client: aioredis.Redis, prefix: str) -> None:
+    def __init__(self, client: RedisClient, prefix: str) -> None:
         self.client = client
         self.prefix = prefix
         self.jti_key = f"{prefix}revoked:jti"
@@ -156,31 +211,35 @@ class RedisStore:
         self.channel = f"{prefix}revocations"
         self.tokens_key = f"{prefix}tokens"
         self.purge_key = f"{prefix}tokens:purge"
-        self._record_use = client.register_script(_RECORD_USE)
+        self._record_uses = client.register_script(_RECORD_USES)
         self._set_once = client.register_script(_SET_ONCE)
+        self._revoke = client.register_script(_REVOKE)
+        self._unrevoke = client.register_script(_UNREVOKE)
+        self._keep_minted = client.register_script(_KEEP_MINTED)
+        self._join_family = client.register_script(_JOIN_FAMILY)
+
+    async def reach(self) -> None:
+        """Before subscribing: a cluster client learns (or re-learns, after a failover) which node serves the slot,
+        since its subscription connects to that node; a keyed command does it. A single Redis needs nothing."""
+        if isinstance(self.client, RedisCluster):
+            await self.client.exists(self.jti_key)
+
+    def _set_of(self, kind: Kind) -> str:
+        return self.jti_key if kind == "jti" else self.sub_key
 
     async def add(self, revocation: Revocation) -> None:
-        async with self.client.pipeline(transaction=True) as pipe:
-            if revocation.kind == "jti":
-                pipe.zadd(self.jti_key, {revocation.member: revocation.until})
-            else:
-                pipe.hset(self.sub_key, revocation.member, repr(revocation.until))
-            pipe.publish(self.channel, revocation.notice("add"))
-            await pipe.execute()
+        args = [revocation.kind, revocation.member, repr(revocation.until), self.channel, revocation.notice("add")]
+        await self._revoke(keys=[self._set_of(revocation.kind)], args=args)
 
     async def remove(self, kind: Kind, value: str, issuer: str | None) -> bool:
         gone = Revocation(kind, value, 0.0, issuer)
-        async with self.client.pipeline(transaction=True) as pipe:
-            if kind == "jti":
-                pipe.zrem(self.jti_key, gone.member)
-            else:
-                pipe.hdel(self.sub_key, gone.member)
-            pipe.publish(self.channel, gone.notice("remove"))
-            removed, _ = await pipe.execute()
-        return bool(removed)
+        args = [kind, gone.member, self.channel, gone.notice("remove")]
+        return bool(await self._unrevoke(keys=[self._set_of(kind)], args=args))
 
     async def snapshot(self) -> Snapshot:
-        async with self.client.pipeline(transaction=True) as pipe:
+        # Not one MULTI (a cluster's take no keyless commands, and need none here): a change made between the reads
+        # is also a notice, which the mirror replays onto this snapshot.
+        async with self.client.pipeline(transaction=False) as pipe:
             pipe.zremrangebyscore(self.jti_key, "-inf", time.time())  # entries outlive their token by nothing
             pipe.zrange(self.jti_key, 0, -1, withscores=True)
             pipe.hgetall(self.sub_key)
@@ -215,16 +274,12 @@ class RedisStore:
     async def put_token(
         self, jti: str, fields: Mapping[str, str], created_at: float, purge_at: float, family: str | None, exp: float
     ) -> None:
-        key = self.token_key(jti)
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.hset(key, mapping={name: value for name, value in fields.items()})
-            pipe.expireat(key, int(purge_at) + 1)
-            pipe.zadd(self.tokens_key, {jti: created_at})
-            pipe.zadd(self.purge_key, {jti: purge_at})
-            if family is not None:
-                pipe.zadd(self.family_key(family), {jti: exp})
-                pipe.expireat(self.family_key(family), int(purge_at) + 1)
-            await pipe.execute()
+        keys = [self.token_key(jti), self.tokens_key, self.purge_key]
+        if family is not None:
+            keys.append(self.family_key(family))
+        args: list[str | int] = [jti, int(purge_at) + 1, repr(created_at), repr(purge_at), repr(exp)]
+        args += [part for pair in fields.items() for part in pair]
+        await self._keep_minted(keys=keys, args=args)
 
     async def get_token(self, jti: str) -> dict[str, str] | None:
         raw = await self.client.hgetall(self.token_key(jti))
@@ -237,7 +292,8 @@ class RedisStore:
         stops early (one page) fetches only what it needs."""
         stale = [str(m) for m in await self.client.zrangebyscore(self.purge_key, "-inf", time.time())]
         if stale:
-            async with self.client.pipeline(transaction=True) as pipe:
+            # The index first: if the second removal is lost, the next listing finds the jti stale again.
+            async with self.client.pipeline(transaction=False) as pipe:
                 pipe.zrem(self.tokens_key, *stale)
                 pipe.zrem(self.purge_key, *stale)
                 await pipe.execute()
@@ -260,20 +316,16 @@ class RedisStore:
         return _OUTCOMES[int(await self._set_once(keys=[self.token_key(jti)], args=args))]
 
     async def record_uses(self, uses: Mapping[str, LastUse]) -> None:
-        """One script call per token, all in one round trip."""
-        async with self.client.pipeline(transaction=False) as pipe:
-            for jti, use in uses.items():
-                args = [repr(use.at), use.client or "", use.user_agent or ""]
-                await self._record_use(keys=[self.token_key(jti)], args=args, client=pipe)
-            await pipe.execute()
+        """One script call per USES_PER_CALL tokens (a cluster pipelines no scripts; one call needs no pipeline)."""
+        items = list(uses.items())
+        for start in range(0, len(items), USES_PER_CALL):
+            batch = items[start : start + USES_PER_CALL]
+            args = [part for _, use in batch for part in (repr(use.at), use.client or "", use.user_agent or "")]
+            await self._record_uses(keys=[self.token_key(jti) for jti, _ in batch], args=args)
 
     async def add_to_family(self, family: str, jti: str, exp: float, until: float) -> None:
-        key = self.family_key(family)
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.zadd(key, {jti: exp})
-            pipe.zremrangebyscore(key, "-inf", time.time())
-            pipe.expireat(key, int(until) + 1)
-            await pipe.execute()
+        args: list[str | int] = [jti, repr(exp), repr(time.time()), int(until) + 1]
+        await self._join_family(keys=[self.family_key(family)], args=args)
 
     async def family_members(self, family: str, now: float) -> dict[str, float]:
         rows = await self.client.zrangebyscore(self.family_key(family), f"({now!r}", "+inf", withscores=True)
@@ -397,10 +449,12 @@ class MemoryStore:
                 await result
 
 
-def connect_redis(settings: StoreSettings) -> aioredis.Redis:
-    """A client for redis://, rediss://, unix:// or redis+sentinel://[password@]host:port[,host:port]/service[/db].
+def connect_redis(settings: StoreSettings) -> RedisClient:
+    """A client for redis://, rediss://, unix://, redis+sentinel://[password@]host:port[,host:port]/service[/db]
+    or redis+cluster://[user:password@]host:port[,host:port] (rediss+ for TLS).
 
-    Timeouts are short: a hung Redis must show up as a stale mirror, not as requests that hang.
+    Timeouts are short: a hung Redis must show up as a stale mirror, not as requests that hang. Nothing is contacted
+    here: a cluster client learns its slots on its first command.
     """
     # RESP2: under RESP3 (redis-py 8's default) redis-py mis-parses the PONG on a subscription connection, so the
     # mirror's heartbeat never came back and it reconnected every few seconds.
@@ -411,9 +465,11 @@ def connect_redis(settings: StoreSettings) -> aioredis.Redis:
         "protocol": 2,
     }
     url = settings.redis_url
+    if url.startswith(CLUSTER_SCHEMES):
+        return _cluster(url, settings.key_prefix, options)
     if url.startswith(("redis+sentinel://", "rediss+sentinel://")):
         parts = urlsplit(url)
-        hosts = [(h.rsplit(":", 1)[0], int(h.rsplit(":", 1)[1]) if ":" in h else 26379) for h in _hosts(parts.netloc)]
+        hosts = [_host_port(h, 26379) for h in _hosts(parts.netloc)]
         path = [p for p in parts.path.split("/") if p]
         if not path:
             raise ValueError("a redis+sentinel:// URL must name the service: redis+sentinel://host:26379/mymaster")
@@ -433,5 +489,51 @@ def display_url(url: str) -> str:
     return scheme + sep + rest.rsplit("@", 1)[-1].partition("?")[0].partition("#")[0]
 
 
+def _cluster(url: str, prefix: str, options: dict[str, Any]) -> RedisCluster:
+    """Every key of the gateway in one hash slot (a hash tag in the prefix): its scripts touch several keys, which a
+    cluster allows only within a slot. The data is small (revocations and token metadata), so one
+    shard holds it; PUBLISH reaches the subscribers on every node."""
+    check_cluster_prefix(url, prefix)
+    parts = urlsplit(url)
+    if parts.path.strip("/") not in ("", "0") or parts.query:
+        raise ValueError("a redis+cluster:// URL names only nodes: a cluster has database 0 alone and takes no options")
+    nodes = [ClusterNode(*_host_port(h, 6379)) for h in _hosts(parts.netloc)]
+    return RedisCluster(
+        startup_nodes=nodes,
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password else None,
+        ssl=url.startswith("rediss"),
+        require_full_coverage=False,  # its own slot is all the gateway needs
+        **options,
+    )
+
+
+def check_cluster_prefix(url: str, prefix: str) -> None:
+    if url.startswith(CLUSTER_SCHEMES) and hash_tag(prefix) is None:
+        raise ValueError(
+            'with Redis Cluster the prefix must hold a hash tag, so that every key lands in one slot: e.g. "{gw}:"'
+        )
+
+
+def hash_tag(key: str) -> str | None:
+    """What Redis Cluster hashes of `key`: the text between its first `{` and the next `}`, if not empty."""
+    start = key.find("{")
+    end = key.find("}", start + 1)
+    return key[start + 1 : end] if start >= 0 and end > start + 1 else None
+
+
 def _hosts(netloc: str) -> list[str]:
     return netloc.rsplit("@", 1)[-1].split(",")
+
+
+def _host_port(text: str, default_port: int) -> tuple[str, int]:
+    """`host`, `host:port`, `[v6]` or `[v6]:port`."""
+    host, port = text, ""
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest.removeprefix(":")
+    elif ":" in text:
+        host, port = text.rsplit(":", 1)
+    if not host or not (port.isdigit() or port == "") or not 0 < int(port or default_port) < 65536:
+        raise ValueError("a Redis URL lists a node as host or host:port (IPv6 in brackets), comma-separated")
+    return host, int(port or default_port)

@@ -16,9 +16,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
-from redis.exceptions import RedisError
-
-from gateway.store import LastUse
+from gateway.store import STORE_ERRORS, LastUse
 
 log = logging.getLogger(__name__)
 MAX_USER_AGENT = 256  # a longer User-Agent is cut: it is shown to operators, not parsed
@@ -40,7 +38,7 @@ class UsageTracker:
     ) -> None:
         self.sink = sink
         self.interval = interval  # may change on reload
-        self.writes = 0  # per-token writes sent to the store (one script call each)
+        self.writes = 0  # per-token writes sent to the store (one script call carries up to USES_PER_CALL)
         self._clock = clock
         self._monotonic = monotonic
         self._pending: dict[str, LastUse] = {}  # jti -> newest use not yet written
@@ -80,7 +78,7 @@ class UsageTracker:
                 for jti, use in due.items():
                     self._pending.setdefault(jti, use)
                 raise
-            except (RedisError, OSError, TimeoutError) as exc:
+            except STORE_ERRORS as exc:
                 for jti, use in due.items():
                     self._pending.setdefault(jti, use)
                 if not self._failing:
@@ -114,7 +112,7 @@ class UsageTracker:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        with contextlib.suppress(RedisError, OSError, TimeoutError):
+        with contextlib.suppress(*STORE_ERRORS):
             await self.flush(force=True)
 
 

@@ -74,12 +74,33 @@ def redis_url() -> Iterator[str]:
         private.close()
 
 
+@pytest.fixture(scope="session")
+def redis_cluster_url() -> Iterator[str]:
+    """REDIS_CLUSTER_URL, else a private three-node Redis Cluster; else one clear failure."""
+    from tests.redis_support import resolve_cluster_url
+
+    try:
+        url, private = resolve_cluster_url()
+    except RuntimeError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    yield url
+    if private is not None:
+        private.close()
+
+
+@pytest.fixture(params=["redis", "cluster"])
+def shared_url(request: pytest.FixtureRequest) -> str:
+    """A real Redis, then a real Redis Cluster: what instances share, both ways it can be deployed."""
+    return str(request.getfixturevalue("redis_cluster_url" if request.param == "cluster" else "redis_url"))
+
+
 @pytest.fixture
 def key_prefix() -> str:
-    """A unique Redis key prefix per test: tests sharing one Redis never see each other's keys."""
+    """A unique Redis key prefix per test: tests sharing one Redis never see each other's keys. It is a hash tag,
+    as Redis Cluster needs (every key of a prefix in one slot), so every test may run against a cluster too."""
     import uuid
 
-    return f"test:{uuid.uuid4().hex[:12]}:"
+    return f"{{test:{uuid.uuid4().hex[:12]}}}:"
 
 
 @pytest.fixture

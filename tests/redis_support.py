@@ -1,6 +1,7 @@
 """Redis for tests: REDIS_URL if set, else the shared one on 127.0.0.1:6379, else a private redis-server.
 
-Tests that stop or break Redis always get a private `redis-server` on a free port (PrivateRedis).
+Tests that stop or break Redis always get a private `redis-server` on a free port (PrivateRedis). Redis Cluster
+tests use REDIS_CLUSTER_URL if set, else three private redis-servers made into a cluster (PrivateCluster).
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ import redis
 HOW_TO = (
     "Redis is required: set REDIS_URL=redis://host:port/0, run one on 127.0.0.1:6379, "
     "or install redis-server (apt-get install redis-server)"
+)
+CLUSTER_HOW_TO = (
+    "Redis Cluster tests need REDIS_CLUSTER_URL=redis+cluster://host:port[,host:port] (a cluster whose slots are "
+    "all served) or redis-server on PATH to start one (apt-get install redis-server)"
 )
 
 
@@ -47,6 +52,7 @@ class PrivateRedis:
             raise RuntimeError(HOW_TO)
         self.binary = binary
         self.port = free_port()
+        self.bus_port = free_port()  # in cluster mode
         self.dir = Path(tempfile.mkdtemp(prefix="gw-redis-"))
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -54,10 +60,13 @@ class PrivateRedis:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> None:
+    def start(self, cluster: bool = False) -> None:
+        # The cluster bus port is given too: the default (port + 10000) overflows for ports above 55535.
+        extra = ["--cluster-enabled", "yes", "--cluster-config-file", str(self.dir / "nodes.conf"),
+                 "--cluster-port", str(self.bus_port)] if cluster else []  # fmt: skip
         self.process = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.dir), "--logfile", str(self.dir / "redis.log")],
+             "--dir", str(self.dir), "--logfile", str(self.dir / "redis.log"), *extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         deadline = time.monotonic() + 10
@@ -75,6 +84,82 @@ class PrivateRedis:
     def close(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class PrivateCluster:
+    """Three redis-servers in cluster mode on free ports, the 16384 slots split between them, no replicas."""
+
+    def __init__(self, nodes: int = 3) -> None:
+        if shutil.which("redis-server") is None:
+            raise RuntimeError(CLUSTER_HOW_TO)
+        self.nodes = [PrivateRedis() for _ in range(nodes)]
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{node.port}" for node in self.nodes)
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start(cluster=True)
+        clients = [redis.Redis(port=node.port, socket_timeout=5) for node in self.nodes]
+        try:
+            share = 16384 // len(clients) + 1
+            for i, client in enumerate(clients):
+                client.execute_command("CLUSTER ADDSLOTS", *range(i * share, min((i + 1) * share, 16384)))
+            for node in self.nodes[1:]:
+                clients[0].execute_command("CLUSTER MEET", "127.0.0.1", node.port, node.bus_port)
+            deadline = time.monotonic() + 20
+            while not all(self._settled(client) for client in clients):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("private Redis Cluster did not reach cluster_state:ok")
+                time.sleep(0.05)
+        finally:
+            for client in clients:
+                client.close()
+
+    def move_slot_of(self, key: str) -> tuple[int, int]:
+        """Move the slot of `key`, with its keys, to another node, as a resharding does (IMPORTING / MIGRATING,
+        MIGRATE, SETSLOT NODE on every node). Returns the ports of the old and the new owner."""
+        clients = {node.port: redis.Redis(port=node.port, socket_timeout=5) for node in self.nodes}
+        try:
+            any_client = next(iter(clients.values()))
+            slot = int(any_client.execute_command("CLUSTER KEYSLOT", key))
+            ids = {port: client.execute_command("CLUSTER MYID").decode() for port, client in clients.items()}
+            ranges = any_client.execute_command("CLUSTER SLOTS")  # [start, end, [host, port, id], ...]
+            source = next(int(r[2][1]) for r in ranges if int(r[0]) <= slot <= int(r[1]))
+            target = next(port for port in clients if port != source)
+            clients[target].execute_command("CLUSTER SETSLOT", slot, "IMPORTING", ids[source])
+            clients[source].execute_command("CLUSTER SETSLOT", slot, "MIGRATING", ids[target])
+            while keys := clients[source].execute_command("CLUSTER GETKEYSINSLOT", slot, 100):
+                clients[source].execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *keys)
+            for client in clients.values():
+                client.execute_command("CLUSTER SETSLOT", slot, "NODE", ids[target])
+            return source, target
+        finally:
+            for client in clients.values():
+                client.close()
+
+    def _settled(self, client: redis.Redis) -> bool:
+        info = client.execute_command("CLUSTER INFO")  # parsed into a dict by redis-py
+        return bool(info.get("cluster_state") == "ok" and int(info.get("cluster_known_nodes", 0)) == len(self.nodes))
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.close()
+
+
+def resolve_cluster_url() -> tuple[str, PrivateCluster | None]:
+    """The Redis Cluster the suite uses, and the private one to stop afterwards (if one had to be started)."""
+    url = os.environ.get("REDIS_CLUSTER_URL")
+    if url:
+        return url, None
+    cluster = PrivateCluster()
+    try:
+        cluster.start()
+    except Exception:
+        cluster.close()
+        raise
+    return cluster.url, cluster
 
 
 def resolve_url() -> tuple[str, PrivateRedis | None]:

@@ -86,6 +86,20 @@ ERROR_CASES = [
     # Found at load, not by each worker as it starts (and is restarted, over and over)
     (("issuers:\n", 'store: {redis_url: "redis://:pw@h:x/0"}\nissuers:\n'), "store.redis_url: Port could not be cast"),
     (("issuers:\n", 'store: {redis_url: "redis+sentinel://h:26379"}\nissuers:\n'), "must name the service"),
+    # Redis Cluster: MULTIs and scripts span keys, which a cluster allows only within one slot
+    (
+        ("issuers:\n", 'store: {redis_url: "redis+cluster://h:7000"}\nissuers:\n'),
+        "store.key_prefix: with Redis Cluster",
+    ),
+    (("issuers:\n", 'store: {redis_url: "redis+cluster://h", key_prefix: "{}:"}\nissuers:\n'), "must hold a hash tag"),
+    (
+        ("issuers:\n", 'store: {redis_url: "redis+cluster://h:7000/2", key_prefix: "{gw}:"}\nissuers:\n'),
+        "store.redis_url: a redis+cluster:// URL names only nodes",
+    ),
+    (
+        ("issuers:\n", 'store: {redis_url: "redis+cluster://:pw@h:7000,h:x", key_prefix: "{gw}:"}\nissuers:\n'),
+        "store.redis_url: a Redis URL lists a node as host or host:port",
+    ),
     (("audiences: [api]", "audiences: [api]\n    leeway: 10m"), "issuers[0].leeway: Input should be less than"),
     (("audiences: [api]", "audiences: [api]\n    leeway: .nan"), "issuers[0].leeway: expected a duration"),
     (("audiences: [api]", "audiences: [api]\n    long_lived_after: .inf"), "a duration of more than 100 years"),
@@ -148,6 +162,27 @@ ERROR_CASES = [
         "mode none checks no token",
     ),
 ]
+
+
+def test_a_cluster_url_names_its_seed_nodes_and_credentials() -> None:
+    """Parsed, not contacted: the client learns the slots from the first node that answers."""
+    from redis.asyncio.cluster import RedisCluster
+
+    from gateway.config import StoreSettings
+    from gateway.store import connect_redis, display_url
+
+    url = "rediss+cluster://ops:p%40ss@10.0.0.1:7000,[fd00::2]:7001,redis-2"
+    client = connect_redis(StoreSettings(redis_url=url, key_prefix="{gw}:"))
+    assert isinstance(client, RedisCluster)
+    seeds = [(node.host, node.port) for node in client.nodes_manager.startup_nodes.values()]
+    assert seeds == [("10.0.0.1", 7000), ("fd00::2", 7001), ("redis-2", 6379)]
+    kwargs = client.nodes_manager.connection_kwargs
+    assert (kwargs["username"], kwargs["password"]) == ("ops", "p@ss")
+    assert kwargs["connection_class"].__name__ == "SSLConnection", "rediss+cluster:// is TLS"
+    assert display_url(url) == "rediss+cluster://10.0.0.1:7000,[fd00::2]:7001,redis-2"
+    with pytest.raises(configfile.ConfigError) as caught:
+        configfile.loads(MINIMAL + 'store: {redis_url: "redis+cluster://:s3cret@h:70000", key_prefix: "{gw}:"}\n')
+    assert "s3cret" not in str(caught.value) and "host or host:port" in str(caught.value)
 
 
 @pytest.mark.parametrize(("change", "expected"), ERROR_CASES)

@@ -23,15 +23,14 @@ from urllib.parse import unquote_plus
 
 import aiohttp
 import pytest
-import redis.asyncio as aioredis
 import yaml
 from aiohttp import web
 
 from gateway import configfile, errors
 from gateway.checks import compile_check
-from gateway.config import IntrospectionSettings
+from gateway.config import IntrospectionSettings, StoreSettings
 from gateway.metrics import Metrics
-from gateway.store import Revocation
+from gateway.store import Revocation, connect_redis
 from gateway.verify.introspection import Breaker, Introspector, _Entry
 from tests.support import (
     AUDIENCE,
@@ -890,7 +889,7 @@ def test_a_bad_client_secret_fails_check_config(change: dict[str, Any], problem:
 
 
 async def test_shared_cache_lets_two_gateways_call_once(
-    redis_url: str,
+    shared_url: str,
     key_prefix: str,
     auth_server: AuthServer,
     upstream: Upstream,
@@ -899,20 +898,20 @@ async def test_shared_cache_lets_two_gateways_call_once(
 ) -> None:
     token = auth_server.issue()
     settings = config(auth_server, upstream, shared_cache=True, cache_ttl="30s")
-    settings["store"] = {"redis_url": redis_url, "key_prefix": key_prefix}
-    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    settings["store"] = {"redis_url": shared_url, "key_prefix": key_prefix}
+    client = connect_redis(StoreSettings(redis_url=shared_url, key_prefix=key_prefix))
     try:
         async with gateway(settings, tmp_path) as first, gateway(settings, tmp_path) as second:
             assert (await call(http, first, "/orders", token))[0] == 200
             status, _, _ = await call(http, second, "/orders", token)
             assert second.metric("gateway_introspection_requests_total", endpoint="corp", outcome="active") == 0
-        keys = await client.keys(f"{key_prefix}introspection:*")
+        keys = [key async for key in client.scan_iter(f"{key_prefix}introspection:*")]
         assert len(keys) == 1 and keys[0].startswith(f"{key_prefix}introspection:corp:")
         assert 0 < await client.pttl(keys[0]) <= 30_000
         stored = await client.get(keys[0])
         assert json.loads(stored)["sub"] == "alice" and token not in stored and token not in keys[0]
     finally:
-        for key in await client.keys(f"{key_prefix}*"):
+        async for key in client.scan_iter(f"{key_prefix}*"):
             await client.delete(key)
         await client.aclose()
     assert (status, auth_server.calls) == (200, 1)

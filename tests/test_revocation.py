@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -19,7 +20,7 @@ import redis.asyncio as aioredis
 from gateway import signing
 from gateway.config import StoreSettings
 from gateway.store import RedisStore, Revocation, connect_redis
-from tests.redis_support import PrivateRedis, free_port
+from tests.redis_support import PrivateCluster, PrivateRedis, free_port
 from tests.support import AUDIENCE, ISSUER, IdP, Key, RunningGateway, Upstream, gateway_process, start_gateway
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
@@ -290,9 +291,9 @@ async def test_admin_api_is_disabled_without_a_token(
 
 
 async def test_paging_over_redis(
-    idp: IdP, upstream: Upstream, tmp_path: Path, redis_url: str, key_prefix: str, http: aiohttp.ClientSession
+    idp: IdP, upstream: Upstream, tmp_path: Path, shared_url: str, key_prefix: str, http: aiohttp.ClientSession
 ) -> None:
-    async for gw in start_gateway(config(idp, upstream, redis_url, key_prefix), tmp_path):
+    async for gw in start_gateway(config(idp, upstream, shared_url, key_prefix), tmp_path):
         for i in range(5):
             await admin(
                 http, gw, "POST", "/admin/revocations", json={"jti": f"p{i}", "expires_at": time.time() + i + 10}
@@ -309,13 +310,13 @@ async def test_two_gateways_sharing_redis_both_refuse(
     idp: IdP,
     upstream: Upstream,
     tmp_path: Path,
-    redis_url: str,
+    shared_url: str,
     key_prefix: str,
     rsa_key: Key,
     http: aiohttp.ClientSession,
 ) -> None:
     token = long_lived(rsa_key, jti="shared-1")
-    text = config(idp, upstream, redis_url, key_prefix)
+    text = config(idp, upstream, shared_url, key_prefix)
     async for first in start_gateway(text, tmp_path):
         async for second in start_gateway(text, tmp_path):
             for gw in (first, second):
@@ -455,9 +456,9 @@ async def _metric_is(gw: RunningGateway, name: str, value: float) -> bool:
     return gw.metric(name) == value
 
 
-async def test_writes_are_idempotent_and_expired_entries_are_pruned(redis_url: str, key_prefix: str) -> None:
-    store = RedisStore(connect_redis(StoreSettings(redis_url=redis_url)), key_prefix)
-    client: aioredis.Redis = store.client
+async def test_writes_are_idempotent_and_expired_entries_are_pruned(shared_url: str, key_prefix: str) -> None:
+    store = RedisStore(connect_redis(StoreSettings(redis_url=shared_url, key_prefix=key_prefix)), key_prefix)
+    client = store.client
     try:
         await store.add(Revocation("jti", "same", time.time() + HOUR))
         await store.add(Revocation("jti", "same", time.time() + HOUR))
@@ -484,10 +485,10 @@ def _cli(*args: str, config_path: Path) -> subprocess.CompletedProcess[str]:
 
 
 async def test_cli_against_redis_with_no_gateway_running(
-    idp: IdP, upstream: Upstream, tmp_path: Path, redis_url: str, key_prefix: str
+    idp: IdP, upstream: Upstream, tmp_path: Path, shared_url: str, key_prefix: str
 ) -> None:
     path = tmp_path / "gw.yaml"
-    path.write_text(config(idp, upstream, redis_url, key_prefix))
+    path.write_text(config(idp, upstream, shared_url, key_prefix))
     done = _cli("revoke", "--jti", "cli-1", "--expires-at", "2099-01-01T00:00:00Z", config_path=path)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["revoked"]["expires_at"] == 4070908800.0 + 300, "exp, and the longest leeway"
@@ -530,13 +531,13 @@ async def test_cli_refuses_an_issuer_the_config_does_not_name(
 
 
 async def test_cli_listing_clamps_offset_and_limit_as_tokens_list_does(
-    idp: IdP, upstream: Upstream, tmp_path: Path, redis_url: str, key_prefix: str
+    idp: IdP, upstream: Upstream, tmp_path: Path, shared_url: str, key_prefix: str
 ) -> None:
     """A negative offset is 0, a limit below 1 is 1 and one over the admin API's MAX_PAGE (1000) is 1000: passed on
     as they were, they were ranges counted from the end (--offset -2: the last two; --limit -1: all but the last)."""
     path = tmp_path / "gw.yaml"
-    path.write_text(config(idp, upstream, redis_url, key_prefix))
-    store = RedisStore(connect_redis(StoreSettings(redis_url=redis_url)), key_prefix)
+    path.write_text(config(idp, upstream, shared_url, key_prefix))
+    store = RedisStore(connect_redis(StoreSettings(redis_url=shared_url, key_prefix=key_prefix)), key_prefix)
     base = time.time() + HOUR
     try:
         await store.client.zadd(store.jti_key, {f"j{i:04d}": base + i for i in range(1001)})
@@ -594,12 +595,12 @@ async def test_admin_api_answers_503_while_redis_is_down(
 
 
 async def test_two_gateway_processes_sharing_redis_both_refuse(
-    idp: IdP, upstream: Upstream, tmp_path: Path, redis_url: str, key_prefix: str, rsa_key: Key,
+    idp: IdP, upstream: Upstream, tmp_path: Path, shared_url: str, key_prefix: str, rsa_key: Key,
     http: aiohttp.ClientSession,
 ) -> None:  # fmt: skip
     """Separate processes (own event loop, own mirror) on one Redis; the revocation is made by the CLI."""
     token = long_lived(rsa_key, jti="processes-1")
-    text = config(idp, upstream, redis_url, key_prefix)
+    text = config(idp, upstream, shared_url, key_prefix)
     env = {"GW_TEST_ADMIN_TOKEN": ADMIN_TOKEN}
     async with gateway_process(text, tmp_path, env=env, args=("--workers", "1")) as first:
         async with gateway_process(text, tmp_path, env=env, args=("--workers", "1")) as second:
@@ -656,5 +657,73 @@ async def test_a_notice_arriving_during_a_full_sync_survives_the_swap(redis_url:
         await sync
         assert "during-sync" in mirror.jtis, "lost when the older snapshot was swapped in"
     finally:
+        await store.client.delete(store.jti_key)
+        await store.close()
+
+
+async def test_a_revocation_reaches_the_mirror_after_its_slot_moves_to_another_node(
+    idp: IdP, upstream: Upstream, tmp_path: Path, rsa_key: Key, http: aiohttp.ClientSession
+) -> None:
+    """Redis Cluster, resharded under a running gateway: the admin API's write follows the slot (MOVED) to its new
+    node, and the mirror, still subscribed on the old one, hears the notice (PUBLISH reaches every node)."""
+    try:
+        cluster = PrivateCluster()  # its own: this test moves a slot
+    except RuntimeError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    await asyncio.to_thread(cluster.start)
+    try:
+        prefix = "{moving}:"
+        token, later = long_lived(rsa_key, jti="moved-1"), long_lived(rsa_key, jti="moved-2")
+        async for gw in start_gateway(config(idp, upstream, cluster.url, prefix), tmp_path):
+            await until(_ready, http, gw)
+            code, _ = await admin(http, gw, "POST", "/admin/revocations", json={"jti": "before-the-move"})
+            assert code == 201 and await status(http, gw, "/closed", token) == 200
+            old, new = await asyncio.to_thread(cluster.move_slot_of, prefix)
+            assert old != new
+            code, _ = await admin(http, gw, "POST", "/admin/revocations", json={"jti": "moved-1"})
+            assert code == 201
+            await until(_refused, http, gw, token)
+            assert await status(http, gw, "/closed", later) == 200
+            code, listed = await admin(http, gw, "GET", "/admin/revocations?kind=jti")
+            assert code == 200 and {i["jti"] for i in listed["items"]} == {"before-the-move", "moved-1"}
+    finally:
+        cluster.close()
+
+
+async def test_the_mirror_outlives_an_error_it_did_not_foresee(
+    redis_url: str, key_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug or a client-library surprise (a cluster client once raised KeyError before learning its slots) used to
+    end the mirror's task for good, silently: the mirror aged and revocations stopped arriving."""
+    from gateway.metrics import Metrics
+    from gateway.revocation import Mirror
+
+    class Surprising(RedisStore):
+        failures = 2
+
+        async def snapshot(self) -> tuple[dict[str, float], dict[str, float]]:
+            if self.failures:
+                self.failures -= 1
+                raise KeyError(2372)
+            return await super().snapshot()
+
+    store = Surprising(connect_redis(StoreSettings(redis_url=redis_url)), key_prefix)
+    mirror = Mirror(store, Metrics(), resync_interval=3600, max_staleness=5)
+    task = asyncio.create_task(mirror.run())
+    try:
+        await asyncio.wait_for(mirror.synced.wait(), 10)
+        assert store.failures == 0 and not task.done()
+        await store.add(Revocation("jti", "after-the-surprise", time.time() + HOUR))
+
+        async def heard() -> bool:
+            return "after-the-surprise" in mirror.jtis
+
+        await until(heard)
+        logged = [r for r in caplog.records if "unexpected error" in r.getMessage()]
+        assert len(logged) == 1 and logged[0].exc_info is not None, "once per streak, with its traceback"
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
         await store.client.delete(store.jti_key)
         await store.close()

@@ -142,13 +142,13 @@ async def test_long_user_agents_are_cut(counting: CountingStore) -> None:
     assert counting.tokens["t1"]["last_user_agent"] == "x" * MAX_USER_AGENT
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 async def store(request: pytest.FixtureRequest, key_prefix: str) -> AsyncIterator[MemoryStore | RedisStore]:
     if request.param == "memory":
         yield MemoryStore()
         return
-    url = str(request.getfixturevalue("redis_url"))
-    redis_store = RedisStore(connect_redis(StoreSettings(redis_url=url)), key_prefix)
+    url = str(request.getfixturevalue("redis_cluster_url" if request.param == "cluster" else "redis_url"))
+    redis_store = RedisStore(connect_redis(StoreSettings(redis_url=url, key_prefix=key_prefix)), key_prefix)
     yield redis_store
     keys = [k async for k in redis_store.client.scan_iter(f"{key_prefix}*")]
     if keys:

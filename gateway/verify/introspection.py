@@ -29,13 +29,12 @@ from typing import Any, ClassVar, Literal
 from urllib.parse import quote_plus, urlsplit
 
 import aiohttp
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from gateway import errors
 from gateway.config import IntrospectionSettings
 from gateway.identity import Identity
 from gateway.metrics import Metrics
+from gateway.store import STORE_ERRORS, RedisClient
 from gateway.verify.cache import TokenCache
 
 log = logging.getLogger(__name__)
@@ -293,7 +292,7 @@ class Introspector:
         settings: IntrospectionSettings,
         session: aiohttp.ClientSession,
         metrics: Metrics,
-        redis: aioredis.Redis | None = None,
+        redis: RedisClient | None = None,
         prefix: str = "",
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -453,7 +452,7 @@ class Introspector:
                 pipe.get(key)
                 pipe.pttl(key)
                 raw, pttl = await pipe.execute()
-        except (RedisError, OSError, TimeoutError) as exc:
+        except STORE_ERRORS as exc:
             self._shared_failed(exc)
             return None
         self._shared_ok = True
@@ -472,7 +471,7 @@ class Introspector:
         try:
             async with asyncio.timeout(SHARED_CACHE_TIMEOUT):
                 await self._redis.set(self._key_prefix + digest.hex(), text, px=milliseconds)
-        except (RedisError, OSError, TimeoutError) as exc:
+        except STORE_ERRORS as exc:
             self._shared_failed(exc)
 
     def _shared_failed(self, exc: BaseException) -> None:
@@ -496,7 +495,7 @@ def build_introspectors(
     endpoints: Iterable[IntrospectionSettings],
     session: aiohttp.ClientSession,
     metrics: Metrics,
-    redis: aioredis.Redis | None,
+    redis: RedisClient | None,
     prefix: str,
     previous: Mapping[str, Introspector],
 ) -> dict[str, Introspector]:
