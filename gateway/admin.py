@@ -1,6 +1,7 @@
-"""The admin listener: /metrics, /healthz, /readyz, and the operator API under /admin (bearer token required).
+"""The admin listener: /metrics, /healthz, /readyz, the operator API under /admin/ (bearer token required), and the
+admin page at /admin (static; it calls the API with the token the operator enters).
 
-The admin token is compared in constant time; with no token configured, /admin is disabled (403), never open.
+The admin token is compared in constant time; with no token configured, /admin/ is disabled (403), never open.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
+from importlib import resources
 from typing import Any
 
 from aiohttp import web
@@ -61,9 +63,36 @@ def admin_app(runtime: Runtime, token_env: str) -> web.Application:
     app.router.add_get("/admin/tokens/{jti}", _show_token)
     app.router.add_delete("/admin/tokens/{jti}", _revoke_token)
     app.router.add_get("/admin/sessions", _list_sessions)
+    for path, (name, content_type) in PAGE_FILES.items():
+        app.router.add_get(path, _static(name, content_type))
     app.router.add_get(JWKS_PATH, _jwks)
     app.router.add_get(DISCOVERY_PATH, _discovery)
     return app
+
+
+# The admin page: static files that hold no data (the page asks the admin API, with the token the operator types),
+# so they are served without the admin token; the CSP lets them load nothing but themselves and the API.
+PAGE_FILES = {
+    "/admin": ("admin.html", "text/html"),
+    "/admin.js": ("admin.js", "text/javascript"),
+    "/admin.css": ("admin.css", "text/css"),
+}
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
+
+def _static(name: str, content_type: str) -> Handler:
+    body = resources.files("gateway").joinpath("static", name).read_bytes()
+
+    async def serve(request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type=content_type, charset="utf-8", headers=PAGE_HEADERS)
+
+    return serve
 
 
 def problem(status: int, error: str, description: str) -> web.Response:

@@ -111,6 +111,9 @@ Try it:
   curl -i {base}/admin-area -H "Authorization: Bearer $TOKEN"   # 403: lacks scope demo:admin
   curl -s http://127.0.0.1:{admin_port}/metrics | grep gateway_auth_decisions_total
 
+Admin page (mint, list and revoke tokens): http://127.0.0.1:{admin_port}/admin — it signs in with the admin token:
+start the demo with GATEWAY_ADMIN_TOKEN set (e.g. GATEWAY_ADMIN_TOKEN=$(openssl rand -hex 16) make run).
+
 Ctrl-C stops it.
 """,
         flush=True,

@@ -502,6 +502,37 @@ async def test_malformed_mint_requests_get_400_with_a_clear_message(
         assert listing["items"] == [], "nothing was minted"
 
 
+async def test_the_admin_page_is_static_loads_only_itself_and_calls_only_the_api(
+    upstream: Upstream, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """DESIGN's admin page: served without the admin token (it holds no data), under a CSP that lets it load nothing
+    but its own files and talk to nothing but this listener; the token it is given goes only to the API."""
+    import re
+
+    async for gw in running(config(upstream, [key_file(tmp_path)]), tmp_path):
+        texts = {}
+        for path, kind in (("/admin", "text/html"), ("/admin.js", "text/javascript"), ("/admin.css", "text/css")):
+            async with http.get(f"{gw.admin_url}{path}") as resp:
+                assert resp.status == 200 and resp.content_type == kind, path
+                csp = dict(part.strip().split(" ", 1) for part in resp.headers["Content-Security-Policy"].split(";"))
+                assert csp["default-src"] == "'none'" and csp["script-src"] == "'self'", "no inline or foreign script"
+                assert csp["connect-src"] == "'self'" and csp["frame-ancestors"] == "'none'"
+                assert resp.headers["X-Content-Type-Options"] == "nosniff"
+                texts[path] = await resp.text()
+        html, script = texts["/admin"], texts["/admin.js"]
+        assert re.findall(r"<script[^>]*>", html) == ['<script src="/admin.js" defer>'], "one script, no inline code"
+        assert not re.search(r"\son\w+=", html), "no inline event handlers (the CSP would block them)"
+        assert "innerHTML" not in script and "outerHTML" not in script, "API values are written as text only"
+        # Every API path the page calls answers an authorized GET or is one of the API's write routes.
+        called = set(re.findall(r'"(/admin/[a-z]+)', script)) | set(re.findall(r"`(/admin/[a-z]+)", script))
+        assert called == {"/admin/tokens", "/admin/sessions", "/admin/revocations"}, called
+        for path in sorted(called):
+            code, body = await admin(http, gw, "GET", path)
+            assert code == 200 and "items" in body and "next_offset" in body, path
+        async with http.get(f"{gw.admin_url}/admin/tokens") as resp:
+            assert resp.status == 401, "the page is open; the API behind it is not"
+
+
 async def test_admin_token_endpoints_need_the_admin_token(
     upstream: Upstream, tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:
