@@ -14,7 +14,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from urllib.parse import unquote_plus
+from urllib.parse import unquote, unquote_plus
 
 from yarl import URL
 
@@ -23,6 +23,7 @@ from gateway import upstream as upstream_client
 from gateway.config import GATEWAY_SET_HEADERS, HOP_BY_HOP, RouteSettings
 from gateway.identity import Identity
 from gateway.listener import Request, RequestView
+from gateway.routing import without_parameters
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +97,13 @@ class Upstream:
     def target_path(self, raw_path: str, raw_query: str) -> str:
         """The upstream request-target: base path, the (stripped) raw path and the raw query."""
         path = raw_path
-        if self.strip_prefix and (path == self.strip_prefix or path.startswith(self.strip_prefix.rstrip("/") + "/")):
-            path = path[len(self.strip_prefix.rstrip("/")) :] or "/"
+        if self.strip_prefix:
+            if _under(path, self.strip_prefix):
+                path = path[len(self.strip_prefix.rstrip("/")) :] or "/"
+            elif ("%" in path or ";" in path) and _under(without_parameters(unquote(path)), self.strip_prefix):
+                # Routed as under the prefix (matching reads the path decoded, without parameters), but spelt
+                # otherwise: forwarded unstripped, /%69nternal/a would reach the upstream as /internal/a.
+                raise errors.InvalidRequest("the path spells the prefix to strip percent-encoded or with parameters")
         query = raw_query
         if query and self.credential_source == "query":
             # Drop only the credential's pairs and keep the others byte for byte: decoding and re-encoding the
@@ -261,3 +267,8 @@ async def _read(answer: upstream_client.Response) -> bytes:
     except upstream_client.UpstreamFailed as exc:  # nothing sent yet: a clean 502
         log.warning("upstream broke off its answer", extra={"error": str(exc)})
         raise errors.UpstreamUnavailable("the upstream broke off its answer") from None
+
+
+def _under(path: str, prefix: str) -> bool:
+    bare = prefix.rstrip("/")
+    return path == prefix or path == bare or path.startswith(bare + "/")

@@ -21,10 +21,15 @@ class Matcher:
 
     @classmethod
     def compile(cls, match: MatchSettings) -> Matcher:
+        methods = set(match.methods)
+        if "GET" in methods:
+            # HEAD is GET without the body (RFC 9110 §9.3.2), and upstreams answer it so: a GET-only route that let
+            # HEAD fall through to a later, more open one would show that route's headers without a token.
+            methods.add("HEAD")
         return cls(
             host=_host_pattern(match.host) if match.host else None,
             path=_path_pattern(match),
-            methods=frozenset(match.methods),
+            methods=frozenset(methods),
         )
 
     def matches(self, method: str, host: str, path: str) -> bool:
@@ -43,6 +48,8 @@ class RouteTable(Generic[T]):
 
     def match(self, method: str, host: str, path: str) -> T:
         """Raise InvalidRequest for a path the upstream could read differently, NoRoute when nothing matches."""
+        if ";" in path:
+            path = without_parameters(path)
         if "/." in path and any(seg in (".", "..") for seg in path.split("/")):
             # Matching /public/../admin against /public would let the upstream resolve it to /admin.
             raise errors.InvalidRequest("the path contains . or .. segments")
@@ -54,6 +61,13 @@ class RouteTable(Generic[T]):
             if matcher.matches(method, host, path):
                 return value
         raise errors.NoRoute()
+
+
+def without_parameters(path: str) -> str:
+    """`path` without its segments' parameters (`/admin;jsessionid=1/x` -> `/admin/x`), as servlet containers and
+    Spring read it before routing: matched with them, `/admin;x` missed an exact `/admin` route and fell through to a
+    later, more open one, and `/public/..;/admin` hid a `..` segment."""
+    return "/".join(segment.partition(";")[0] for segment in path.split("/"))
 
 
 def _bare_host(host: str) -> str:
@@ -77,12 +91,15 @@ def _path_pattern(match: MatchSettings) -> re.Pattern[str]:
     # DOTALL: the path is matched decoded, and %0A decodes to a newline that `.` must still cover
     # (without it /orders/a%0Ab fell through to a later route, or to 404).
     if match.path is not None:
-        return re.compile(re.escape(match.path), re.DOTALL)
+        # With or without a trailing slash: most upstreams serve /admin/ as /admin, so an exact /admin route that
+        # missed /admin/ let it fall through to a later, more open route.
+        exact = match.path.rstrip("/")
+        return re.compile(re.escape(exact) + "/?" if exact else "/", re.DOTALL)
     if match.path_prefix is not None:
         prefix = match.path_prefix.rstrip("/")
-        # Segment boundary: /orders matches /orders and /orders/1, not /ordersx.
-        # ";" ends a segment too: servlet containers strip path parameters, so /admin;x is /admin upstream.
-        return re.compile(re.escape(prefix) + r"(?:[/;].*)?" if prefix else r"/.*", re.DOTALL)
+        # Segment boundary: /orders matches /orders and /orders/1, not /ordersx. (Path parameters, /orders;x, are
+        # gone before matching: RouteTable.match.)
+        return re.compile(re.escape(prefix) + r"(?:/.*)?" if prefix else r"/.*", re.DOTALL)
     assert match.path_glob is not None  # noqa: S101 - guaranteed by MatchSettings validation
     return re.compile(_glob_to_regex(match.path_glob), re.DOTALL)
 

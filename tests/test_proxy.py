@@ -358,6 +358,19 @@ async def test_strip_prefix_and_base_path(
         assert rich_upstream.requests[-1]["raw_path"] == expected, sent
 
 
+@pytest.mark.parametrize("sent", ["/%73vc/items/1", "/svc%2Fitems", "/svc;v=1/items", "/%73vc"])
+async def test_a_prefix_to_strip_spelt_otherwise_is_refused_not_forwarded_unstripped(
+    gw: RunningGateway, rich_upstream: RichUpstream, sent: str
+) -> None:
+    """The route matched it as under /svc (matching decodes and drops ;parameters), but its raw path does not start
+    with /svc: forwarded unstripped, /%73vc/items/1 reached the upstream as /base/%73vc/items/1, which it reads as
+    /base/svc/items/1, the very prefix meant to be removed."""
+    seen = len(rich_upstream.requests)
+    status, _, body = await raw_http_request(gw.ports.proxy_port, f"GET {sent} HTTP/1.1\r\nHost: x\r\n")
+    assert status == 400 and b"prefix to strip" in body, body
+    assert len(rich_upstream.requests) == seen
+
+
 async def test_query_string_passes_through_unchanged(gw: RunningGateway, rich_upstream: RichUpstream) -> None:
     target = "/svc/search?q=%2Fetc%2Fpasswd&x=a+b&y=%20&z=%C3%A9&a=1&a=2&empty=&bare&sym=%26%3D%3F"
     status, _, _ = await raw_http_request(gw.ports.proxy_port, f"GET {target} HTTP/1.1\r\nHost: x\r\n")

@@ -44,7 +44,8 @@ GLOB_ANY = table({"path_glob": "/v?/x"})
     ("rt", "path", "hit"),
     [
         (EXACT, "/health", True),
-        (EXACT, "/health/", False),
+        (EXACT, "/health/", True),  # most upstreams serve /health/ as /health: it must not fall through
+        (table({"path": "/health/"}), "/health", True),
         (EXACT, "/healthz", False),
         (EXACT, "/HEALTH", False),  # paths are case-sensitive
         (PREFIX, "/orders", True),
@@ -150,7 +151,8 @@ def test_methods() -> None:
     assert matched(rt, "/orders", "GET") == "r0"
     assert matched(rt, "/orders", "POST") == "r0"
     assert matched(rt, "/orders", "DELETE") is None
-    assert matched(rt, "/orders", "HEAD") is None  # HEAD must be listed to match
+    assert matched(rt, "/orders", "HEAD") == "r0", "HEAD is GET without a body: a GET route covers it"
+    assert matched(table({"path_prefix": "/orders", "methods": ["POST"]}), "/orders", "HEAD") is None
     assert matched(table({"path_prefix": "/"}), "/", "PATCH") == "r0"  # no methods: any
 
 
@@ -209,6 +211,29 @@ def test_empty_segments_are_refused(path: str) -> None:
 def test_semicolon_ends_a_prefix_segment(path: str, hit: bool) -> None:
     # Servlet containers strip ;parameters: /admin;x is /admin to them, so the /admin route must judge it.
     assert (matched(table({"path_prefix": "/admin"}), path) == "r0") is hit
+
+
+@pytest.mark.parametrize(
+    ("match", "path"),
+    [
+        ({"path": "/admin"}, "/admin;jsessionid=1"),
+        ({"path": "/admin"}, "/admin;"),
+        ({"path_glob": "/api/*/reports/**"}, "/api/v1/reports;x/x"),
+        ({"path_glob": "/api/*/reports/**"}, "/api/v1;x/reports"),
+        ({"path_glob": "/files/**"}, "/files;x/a"),
+        ({"path_glob": "/docs/*.md"}, "/docs/a.md;v=2"),
+    ],
+)
+def test_path_parameters_do_not_skip_exact_or_glob_routes(match: dict[str, Any], path: str) -> None:
+    """With a catch-all after it, a protected exact or glob route that missed /admin;x let the request through the
+    catch-all, to an upstream that reads it as /admin."""
+    assert matched(table(match, {"path_prefix": "/"}), path) == "r0"
+
+
+def test_a_dot_segment_hidden_by_a_parameter_is_refused() -> None:
+    # Tomcat reads /public/..;/admin as /admin.
+    with pytest.raises(errors.InvalidRequest):
+        table({"path_prefix": "/"}).match("GET", "h", "/public/..;/admin")
 
 
 @pytest.mark.parametrize("path", ["/a/.well-known/x", "/a/..b", "/a/b..", "/a/...", "/.hidden", "/v1.2/x"])
