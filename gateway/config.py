@@ -11,6 +11,7 @@ import ipaddress
 import math
 import re
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -25,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 MAX_DURATION = 100 * 365 * 86400.0  # longer is a typo; and NaN or Infinity would slip through every comparison
 
@@ -40,7 +41,8 @@ def parse_duration(value: Any) -> float:
     elif isinstance(value, str):
         match = _DURATION.match(value)
         if match:
-            seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+            # A bare number is seconds, as a YAML number is: "30" from ${TIMEOUT:-30} must not be refused.
+            seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2) or "s"]
     if seconds is None:
         raise ValueError(f"expected a duration such as 500ms, 30s, 15m, 1h or 365d, got {value!r}")
     if seconds > MAX_DURATION:
@@ -143,9 +145,9 @@ class StoreSettings(Model):
         validate_default=True,  # the default has none: refused with a cluster URL
     )
     max_staleness: Duration = Field(
-        5.0, description="How old the revocation mirror may get before on_unavailable applies."
+        5.0, gt=0, description="How old the revocation mirror may get before on_unavailable applies."
     )
-    resync_interval: Duration = Field(30.0, description="Full re-sync of the revocation mirror, this often.")
+    resync_interval: Duration = Field(30.0, gt=0, description="Full re-sync of the revocation mirror, this often.")
 
     @field_validator("redis_url")
     @classmethod
@@ -198,12 +200,12 @@ class IssuerSettings(Model):
         3600.0, description="Tokens whose exp - iat exceeds this are long-lived (revocation-checked)."
     )
     jwks_refresh_interval: Duration = Field(
-        300.0, description="Refetch the JWKS this often (Cache-Control may shorten)."
+        300.0, gt=0, description="Refetch the JWKS this often (Cache-Control may shorten)."
     )
     jwks_min_refresh_interval: Duration = Field(
         15.0, description="Cool-down: at most one fetch per this interval (also for unknown kid refetches)."
     )
-    jwks_timeout: Duration = Field(5.0, description="Timeout of one JWKS or discovery fetch.")
+    jwks_timeout: Duration = Field(5.0, gt=0, description="Timeout of one JWKS or discovery fetch.")
 
     @model_validator(mode="after")
     def _one_key_source(self) -> IssuerSettings:
@@ -231,10 +233,10 @@ class IntrospectionSettings(Model):
     audiences: tuple[str, ...] = Field((), description="If set, an answer's `aud` must contain one of these.")
     cache_ttl: Duration = Field(60.0, description="Cache positive answers this long (never past the token's exp).")
     negative_cache_ttl: Duration = Field(0.0, description="Cache negative answers this long (0: off).")
-    timeout: Duration = Field(2.0, description="Timeout of one introspection call.")
+    timeout: Duration = Field(2.0, gt=0, description="Timeout of one introspection call.")
     max_concurrency: int = Field(64, ge=1, description="Concurrent calls to this endpoint at most.")
     breaker_failures: int = Field(5, ge=1, description="Consecutive failures that open the circuit breaker.")
-    breaker_reset: Duration = Field(10.0, description="How long the breaker stays open before one trial call.")
+    breaker_reset: Duration = Field(10.0, gt=0, description="How long the breaker stays open before one trial call.")
     shared_cache: bool = Field(False, description="Also cache answers in Redis, shared by every instance.")
 
 
@@ -245,10 +247,10 @@ class TokensSettings(Model):
         (), description="Several keys for rotation: the first signs, all verify."
     )
     audiences: tuple[str, ...] = Field(("gateway",), description="Audiences accepted on the gateway's own tokens.")
-    default_lifetime: Duration = Field(90 * 86400.0, description="Lifetime of a minted token when none is asked.")
-    max_lifetime: Duration = Field(365 * 86400.0, description="Longest lifetime that may be minted.")
-    access_token_lifetime: Duration = Field(900.0, description="Lifetime of access tokens from a refresh key.")
-    last_use_interval: Duration = Field(60.0, description="At most one last-use write per token per interval.")
+    default_lifetime: Duration = Field(90 * 86400.0, gt=0, description="Lifetime of a minted token when none is asked.")
+    max_lifetime: Duration = Field(365 * 86400.0, gt=0, description="Longest lifetime that may be minted.")
+    access_token_lifetime: Duration = Field(900.0, gt=0, description="Lifetime of access tokens from a refresh key.")
+    last_use_interval: Duration = Field(60.0, gt=0, description="At most one last-use write per token per interval.")
 
     @model_validator(mode="after")
     def _one_key(self) -> TokensSettings:
@@ -262,7 +264,11 @@ class TokensSettings(Model):
 
 
 class MatchSettings(Model):
-    host: str | None = Field(None, description="Host to match (exact, or *.example.com); none: any host.")
+    host: str | None = Field(
+        None,
+        pattern=r"^(\*\.)?[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?$|^\[[0-9A-Fa-f:.]+\]$",
+        description="Host to match (exact, or *.example.com; an IPv6 address in brackets; no port); none: any host.",
+    )
     path: str | None = Field(None, description="Exact path.")
     path_prefix: str | None = Field(None, description="Path prefix, on segment boundaries: /a matches /a/b, not /ab.")
     path_glob: str | None = Field(None, description="Glob: * within one segment, ** across segments.")
@@ -280,8 +286,8 @@ class MatchSettings(Model):
 
 class UpstreamSettings(Model):
     url: str = Field(description="Base URL of the upstream, e.g. http://127.0.0.1:8000 or http://svc/base.")
-    timeout: Duration = Field(30.0, description="Total time for the upstream to answer (headers); 504 after.")
-    connect_timeout: Duration = Field(5.0, description="Time to connect to the upstream; 502 after.")
+    timeout: Duration = Field(30.0, gt=0, description="Total time for the upstream to answer (headers); 504 after.")
+    connect_timeout: Duration = Field(5.0, gt=0, description="Time to connect to the upstream; 502 after.")
     strip_prefix: str | None = Field(None, description="Remove this prefix from the path before forwarding.")
     preserve_host: bool = Field(False, description="Send the client's Host header instead of the upstream's.")
     websocket_max_message_bytes: int = Field(
@@ -298,6 +304,10 @@ class UpstreamSettings(Model):
     def _http_url(self) -> UpstreamSettings:
         if not re.match(r"^https?://[^/?#]+(/[^?#]*)?$", self.url):
             raise ValueError("url must be http:// or https:// with a host, and no query or fragment")
+        try:
+            urlsplit(self.url).port  # noqa: B018 - raises on a port that is not a number in range
+        except ValueError:
+            raise ValueError("url: the port must be a number from 0 to 65535") from None
         return self
 
 
@@ -312,6 +322,10 @@ class TokenLocation(Model):
     def _named(self) -> TokenLocation:
         if (self.source == "authorization") == (self.name is not None):
             raise ValueError("name is required for header, cookie and query, and not allowed for authorization")
+        if self.name is not None and not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", self.name):
+            raise ValueError("name must be a token (RFC 9110 §5.6.2): no spaces, separators or control characters")
+        if self.source == "header" and self.name is not None and self.name.lower() in ("authorization", "host"):
+            raise ValueError(f"a {self.name} header is not a named-header source (use source: authorization)")
         return self
 
 
@@ -322,7 +336,9 @@ class AuthSettings(Model):
     issuers: tuple[Name, ...] = Field((), description="Issuers (by name) whose JWTs this route accepts.")
     introspection: Name | None = Field(None, description="Introspection endpoint (by name) for this route.")
     token: TokenLocation = Field(default_factory=TokenLocation, description="Where the token is found.")
-    required_scopes: tuple[str, ...] = Field((), description="Scopes the token must all carry; else 403.")
+    required_scopes: tuple[Annotated[str, Field(pattern=r"^[\x21\x23-\x5B\x5D-\x7E]+$")], ...] = Field(
+        (), description="Scopes the token must all carry; else 403 (each an RFC 6749 scope-token: no spaces)."
+    )
     required_claims: dict[str, str | int | bool] = Field(
         default_factory=dict, description="Claims that must equal these values; else 403."
     )
@@ -343,6 +359,12 @@ HOP_BY_HOP = frozenset(
 GATEWAY_SET_HEADERS = HOP_BY_HOP | {
     "host", "content-length", "expect", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"
 }  # fmt: skip
+
+
+def _not_unmatched(name: str) -> str:
+    if name == "unmatched":
+        raise ValueError("'unmatched' is the metric and log label of requests no route matched; pick another name")
+    return name
 
 
 def _identity_header_names(headers: dict[str, str]) -> dict[str, str]:
@@ -367,7 +389,7 @@ class ForwardSettings(Model):
 
 
 class RouteSettings(Model):
-    name: Name = Field(description="Route name; also the metric label.")
+    name: Annotated[Name, AfterValidator(_not_unmatched)] = Field(description="Route name; also the metric label.")
     match: MatchSettings
     upstream: UpstreamSettings
     auth: AuthSettings = Field(default_factory=AuthSettings)

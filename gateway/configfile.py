@@ -16,7 +16,9 @@ from pydantic import ValidationError
 
 from gateway.config import GATEWAY_ISSUER_NAME, Settings
 
-_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+# ${NAME} or ${NAME:-default}; $${ is a literal ${ (as docker compose reads $$).
+_ENV_REF = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+MAX_VALUES = 100_000  # a config has hundreds; YAML aliases can make a small file expand to billions
 # Fields holding file paths: relative ones are read relative to the config file, not the working directory.
 _PATH_FIELDS = {"pem_file", "signing_key_file", "client_secret_file"}
 _PATH_LIST_FIELDS = {"signing_key_files"}
@@ -35,9 +37,11 @@ def load(path: str | Path, env: Mapping[str, str] | None = None) -> Settings:
     """Read, interpolate and validate the config file at `path`."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_bytes().decode("utf-8")
     except OSError as exc:
         raise ConfigError(str(path), [f"cannot read the file: {exc.strerror}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(path), [f"not UTF-8 text (byte {exc.start})"]) from None
     return loads(text, source=str(path), base_dir=path.parent, env=env)
 
 
@@ -46,15 +50,24 @@ def loads(
 ) -> Settings:
     """Validate config text; `base_dir` anchors relative file paths."""
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         raise ConfigError(source, [f"{where}not valid YAML ({getattr(exc, 'problem', exc)})"]) from None
+    except RecursionError:
+        raise ConfigError(source, ["(top level): nested too deeply"]) from None
     if not isinstance(raw, dict):
         raise ConfigError(source, ["(top level): expected a mapping of sections (listen, issuers, routes, ...)"])
     problems: list[str] = []
-    data = _interpolate(raw, "", os.environ if env is None else env, problems)
+    try:
+        data = _interpolate(raw, "", os.environ if env is None else env, problems, [MAX_VALUES])
+    except _TooLarge:
+        raise ConfigError(
+            source, [f"(top level): more than {MAX_VALUES:,} values once YAML aliases are expanded"]
+        ) from None
+    except RecursionError:
+        raise ConfigError(source, ["(top level): nested too deeply"]) from None
     if base_dir is not None:
         _anchor_paths(data, base_dir)
     if problems:
@@ -69,16 +82,48 @@ def loads(
     return settings
 
 
-def _interpolate(node: Any, path: str, env: Mapping[str, str], problems: list[str]) -> Any:
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping: PyYAML keeps the last, silently, so a second
+    `auth:` written lower down a route replaced the first (an open route where a closed one was meant)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, str | int | float | bool):
+                continue  # unhashable keys are refused by the base class
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _interpolate(node: Any, path: str, env: Mapping[str, str], problems: list[str], budget: list[int]) -> Any:
+    """A copy of `node` with ${ENV} references replaced. `budget` counts the values copied: aliases are copied
+    each time they are used (a 500-byte file of nested aliases expanded to billions)."""
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise _TooLarge()
     if isinstance(node, dict):
-        return {k: _interpolate(v, _join(path, str(k)), env, problems) for k, v in node.items()}
+        return {k: _interpolate(v, _join(path, str(k)), env, problems, budget) for k, v in node.items()}
     if isinstance(node, list):
-        return [_interpolate(v, f"{path}[{i}]", env, problems) for i, v in enumerate(node)]
+        return [_interpolate(v, f"{path}[{i}]", env, problems, budget) for i, v in enumerate(node)]
     if not isinstance(node, str) or "${" not in node:
         return node
 
     def substitute(match: re.Match[str]) -> str:
         name, default = match.group(1), match.group(2)
+        if name is None:
+            return "${"  # $${
+        if default is not None and "${" in default:
+            problems.append(f"{path}: a default may not hold another ${{...}} (write $${{ for a literal ${{)")
+            return ""
         if name in env and (env[name] or default is None):
             return env[name]
         if default is not None:

@@ -81,7 +81,7 @@ def _bare_host(host: str) -> str:
 
 
 def _host_pattern(host: str) -> re.Pattern[str]:
-    host = host.lower()
+    host = host.lower().removesuffix(".")  # as the request's host is read: _bare_host
     if host.startswith("*."):
         return re.compile(r"[^.]+(?:\.[^.]+)*" + re.escape(host[1:]))
     return re.compile(re.escape(host))

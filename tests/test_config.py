@@ -43,13 +43,14 @@ routes:
         (" 2s ", 2),
         (7, 7),
         ("1.5s", 1.5),
+        ("30", 30),  # a bare number is seconds, written as a string too: ${TIMEOUT:-30}
     ],
 )
 def test_durations(text: Any, seconds: float) -> None:
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["", "5", "5 sec", "-1s", "1w", "s", True, -3, None])
+@pytest.mark.parametrize("text", ["", "5 sec", "-1s", "1w", "s", True, -3, None, "\uff11s", "\u0663s"])
 def test_bad_durations_are_refused(text: Any) -> None:
     with pytest.raises(ValueError, match="duration|negative"):
         parse_duration(text)
@@ -120,6 +121,36 @@ ERROR_CASES = [
     (("audiences: [api]", "audiences: []"), "issuers[0].audiences: needs at least 1 entry"),
     (("issuers:\n", "listen: {idle_timeout: 0s}\nissuers:\n"), "listen.idle_timeout: Input should be greater than 0"),
     (("issuers:\n", "listen: {send_timeout: 0s}\nissuers:\n"), "listen.send_timeout: Input should be greater than 0"),
+    # A zero interval or timeout is a busy loop (resync_interval, max_staleness) or a route that always fails
+    (("issuers:\n", "store: {resync_interval: 0s}\nissuers:\n"), "store.resync_interval: Input should be greater"),
+    (("issuers:\n", "store: {max_staleness: 0ms}\nissuers:\n"), "store.max_staleness: Input should be greater"),
+    (
+        ('url: "http://127.0.0.1:9"', 'url: "http://127.0.0.1:9", timeout: 0s'),
+        "upstream.timeout: Input should be greater",
+    ),
+    (("audiences: [api]", "audiences: [api]\n    jwks_refresh_interval: 0s"), "jwks_refresh_interval: Input should"),
+    # YAML that says two things, or could never be what was meant
+    (
+        ("    auth: {mode: jwt, issuers: [corp]}", "    auth: {mode: jwt, issuers: [corp]}\n    auth: {mode: none}"),
+        "line 12, column 5: not valid YAML (the key 'auth' is given twice in one mapping)",
+    ),
+    (
+        ("issuer: https://idp.test/", "issuer: ${A:-${B:-https://idp.test/}}"),
+        "issuers[0].issuer: a default may not hold",
+    ),
+    (('url: "http://127.0.0.1:9"', 'url: "http://127.0.0.1:99999"'), "routes[0].upstream: url: the port must be"),
+    (("name: r\n", "name: unmatched\n"), "routes[0].name: 'unmatched' is the metric and log label"),
+    (("issuers: [corp]}", "issuers: [corp], required_scopes: ['a b']}"), "routes[0].auth.required_scopes[0]: String"),
+    (("issuers: [corp]}", "issuers: [corp], required_scopes: ['x\"y']}"), "routes[0].auth.required_scopes[0]: String"),
+    (("match: {path_prefix: /}", "match: {path_prefix: /, host: 'api.example.com:8443'}"), "routes[0].match.host"),
+    (("match: {path_prefix: /}", "match: {path_prefix: /, host: 'api.*.com'}"), "routes[0].match.host"),
+    (("match: {path_prefix: /}", "match: {path_prefix: /, host: '::1'}"), "routes[0].match.host"),
+    (("issuers: [corp]}", "issuers: [corp], token: {source: header, name: Bad Header}}"), "name must be a token"),
+    (("issuers: [corp]}", "issuers: [corp], token: {source: cookie, name: 'a;b'}}"), "name must be a token"),
+    (
+        ("issuers: [corp]}", "issuers: [corp], token: {source: header, name: Authorization}}"),
+        "use source: authorization",
+    ),
     # A WebSocket message is held whole: "no limit" would let one frame claim all of the gateway's memory.
     (
         ('url: "http://127.0.0.1:9"', 'url: "http://127.0.0.1:9", websocket_max_message_bytes: 0'),
@@ -162,6 +193,39 @@ ERROR_CASES = [
         "mode none checks no token",
     ),
 ]
+
+
+def test_a_config_that_expands_or_nests_without_end_is_a_clean_error(tmp_path: Path) -> None:
+    """A 500-byte file of nested YAML aliases took 17 s and 500 MB before it was refused; deep nesting and bytes that
+    are not UTF-8 gave tracebacks."""
+    laughs = "a: &a [x,x,x,x,x,x,x,x,x,x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 10)}]\n" for i in range(7)
+    )
+    for text, expected in [
+        (laughs, "(top level): more than 100,000 values once YAML aliases are expanded"),
+        ("a: " + "{b: " * 500 + "1" + "}" * 500 + "\n", "(top level): nested too deeply"),
+        ("a: " + "[" * 5000 + "]" * 5000 + "\n", "(top level): nested too deeply"),
+    ]:
+        with pytest.raises(configfile.ConfigError) as caught:
+            configfile.loads(text, env={})
+        assert caught.value.problems == [expected]
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(MINIMAL.replace("corp", "corp\xe9").encode("latin-1"))
+    with pytest.raises(configfile.ConfigError) as caught:
+        configfile.load(latin1)
+    assert caught.value.problems == [f"not UTF-8 text (byte {MINIMAL.index('corp') + 4})"]
+
+
+def test_a_literal_dollar_brace_is_written_doubled() -> None:
+    text = MINIMAL.replace('url: "http://127.0.0.1:9"', 'url: "http://127.0.0.1:9/$${X}/${Y:-y}"')
+    assert configfile.loads(text, env={}).routes[0].upstream.url == "http://127.0.0.1:9/${X}/y"
+
+
+def test_a_host_written_with_a_trailing_dot_still_matches() -> None:
+    from gateway.routing import Matcher
+
+    settings = configfile.loads(MINIMAL.replace("match: {path_prefix: /}", "match: {path_prefix: /, host: API.x.com.}"))
+    assert Matcher.compile(settings.routes[0].match).matches("GET", "api.x.com", "/")
 
 
 def test_a_cluster_url_names_its_seed_nodes_and_credentials() -> None:
