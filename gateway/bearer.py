@@ -15,6 +15,7 @@ from gateway.config import TokenLocation
 from gateway.listener import RequestView
 
 # RFC 6750 §2.1 b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
+_TCHARS = frozenset("!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 _B64TOKEN_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~+/"
 
 
@@ -53,6 +54,9 @@ def _from_authorization(values: Sequence[str]) -> str | None:
         return None
     scheme, _, credentials = value.partition(" ")
     if scheme.lower() != "bearer":
+        if not scheme or not _TCHARS.issuperset(scheme):
+            # Not an auth-scheme (RFC 9110 §11.1) at all: empty, "Bearer<TAB>t", "Bearer,t". Malformed, not absent.
+            raise errors.InvalidRequest("the Authorization header is not a scheme followed by a space and credentials")
         return None  # another scheme (Basic, ...) carries no bearer token: 401 with a Bearer challenge
     credentials = credentials.strip(" ")
     if not credentials:

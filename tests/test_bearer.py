@@ -226,6 +226,22 @@ async def test_bearer_scheme_is_case_insensitive(
     assert gw.metric("gateway_auth_decisions_total", route="bearer", outcome="allow", reason="ok") == 1
 
 
+@pytest.mark.parametrize(
+    ("value", "status"),
+    [("Bearer\tTOKEN", 400), ("", 400), ("Bearer,TOKEN", 400), ("Basic dXNlcjpwdw==", 401), ("Negotiate", 401)],
+)
+async def test_an_authorization_header_that_is_no_scheme_is_malformed(
+    value: str, status: int, token: str, gw: RunningGateway, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    """DESIGN: a malformed Authorization header is 400 invalid_request. Another scheme (Basic) is a credential this
+    route does not take: 401 with a bare challenge. A value that is no scheme at all used to be taken as one."""
+    code, headers, _ = await get(http, gw, "/bearer/1", [("Authorization", value.replace("TOKEN", token))])
+    assert code == status
+    challenge = headers["WWW-Authenticate"]
+    assert ('error="invalid_request"' in challenge) is (status == 400)
+    assert upstream.requests == []
+
+
 async def test_a_forged_token_in_any_location_is_refused(
     ec_key: Key, gw: RunningGateway, upstream: Upstream, http: aiohttp.ClientSession
 ) -> None:
