@@ -288,6 +288,13 @@ class UpstreamSettings(Model):
     url: str = Field(description="Base URL of the upstream, e.g. http://127.0.0.1:8000 or http://svc/base.")
     timeout: Duration = Field(30.0, gt=0, description="Total time for the upstream to answer (headers); 504 after.")
     connect_timeout: Duration = Field(5.0, gt=0, description="Time to connect to the upstream; 502 after.")
+    idle_timeout: Duration = Field(
+        60.0,
+        gt=0,
+        description="Longest silence while a body streams: between two pieces of the answer's body (then 504, or the "
+        "answer cut short once begun), and while sending a request body, for the client's next chunk (408) or the "
+        "upstream taking it (504). An SSE stream must send something (a comment) this often.",
+    )
     strip_prefix: str | None = Field(None, description="Remove this prefix from the path before forwarding.")
     preserve_host: bool = Field(False, description="Send the client's Host header instead of the upstream's.")
     websocket_max_message_bytes: int = Field(

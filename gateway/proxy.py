@@ -8,7 +8,6 @@ are read whole (cheaper than chunk-by-chunk writes, and bounded).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import time
@@ -46,6 +45,7 @@ class Upstream:
     preserve_host: bool
     timeout: float
     connect_timeout: float
+    idle_timeout: float
     websocket_max_message: int  # bytes
     identity_headers: tuple[tuple[str, str], ...]
     removed: frozenset[str]  # lower-case request headers never forwarded as sent
@@ -82,6 +82,7 @@ class Upstream:
             preserve_host=route.upstream.preserve_host,
             timeout=route.upstream.timeout,
             connect_timeout=route.upstream.connect_timeout,
+            idle_timeout=route.upstream.idle_timeout,
             websocket_max_message=route.upstream.websocket_max_message_bytes,
             identity_headers=identity,
             removed=frozenset(removed),
@@ -202,21 +203,14 @@ async def _send(
     head = upstream_client.encode_head(
         request.method, upstream.target_path(request.raw_path, request.raw_query), headers
     )
-    deadline = asyncio.get_running_loop().time() + upstream.timeout
     try:
-        if body is None:  # the common case: the client only times the wait for the answer
-            connection, answer = await upstream_client.request(
-                pool, head, None, False, upstream.connect_timeout, deadline
-            )
-        else:  # sending the body is timed too: it waits on the client as well as on the upstream
-            async with asyncio.timeout_at(deadline):
-                connection, answer = await upstream_client.request(
-                    pool, head, body, chunked, upstream.connect_timeout, deadline
-                )
+        connection, answer = await upstream_client.request(
+            pool, head, body, chunked, upstream.connect_timeout, upstream.timeout, upstream.idle_timeout
+        )
     except upstream_client.UpstreamFailed as exc:
         log.warning("upstream request failed", extra={"upstream": upstream.origin, "error": str(exc)})
         raise errors.UpstreamUnavailable() from None
-    except (TimeoutError, upstream_client.UpstreamTimedOut):
+    except (TimeoutError, upstream_client.UpstreamTimedOut):  # BodyStalled is a TimeoutError
         if request.body is not None and request.body.starved:
             raise errors.RequestBodyTimeout() from None  # waiting on the client's body, not on the upstream
         raise errors.UpstreamTimeout() from None
@@ -257,6 +251,9 @@ async def _relay(request: Request, answer: upstream_client.Response) -> None:
         if isinstance(exc, upstream_client.UpstreamFailed):
             log.warning("upstream broke off its answer", extra={"error": str(exc)})
             raise errors.UpstreamUnavailable("the upstream broke off its answer") from None
+        if isinstance(exc, upstream_client.UpstreamTimedOut):
+            log.warning("upstream stalled", extra={"error": str(exc)})
+            raise errors.UpstreamTimeout() from None
         raise
     request.finish()
 
@@ -267,6 +264,9 @@ async def _read(answer: upstream_client.Response) -> bytes:
     except upstream_client.UpstreamFailed as exc:  # nothing sent yet: a clean 502
         log.warning("upstream broke off its answer", extra={"error": str(exc)})
         raise errors.UpstreamUnavailable("the upstream broke off its answer") from None
+    except upstream_client.UpstreamTimedOut as exc:  # nothing sent yet: a clean 504
+        log.warning("upstream stalled", extra={"error": str(exc)})
+        raise errors.UpstreamTimeout() from None
 
 
 def _under(path: str, prefix: str) -> bool:

@@ -18,7 +18,7 @@ import collections
 import socket
 import ssl
 from collections.abc import AsyncIterator, Iterable
-from typing import cast
+from typing import Any, cast
 
 import httptools
 
@@ -32,7 +32,13 @@ class UpstreamFailed(Exception):
 
 
 class UpstreamTimedOut(Exception):
-    """No answer (status and headers) within the request's time limit; the connection was closed."""
+    """No answer (status and headers) within the request's time limit, or silence longer than the idle limit while
+    its body streams; the connection was closed."""
+
+
+class BodyStalled(TimeoutError):
+    """Sending the request body: neither the client's next chunk nor the upstream's readiness to take it came within
+    the idle limit."""
 
 
 class Response:
@@ -76,6 +82,7 @@ class Connection(asyncio.Protocol):
         self.received = False  # any byte of an answer to the request under way
         self._to_head = False  # the request is HEAD: the answer has no body, whatever its head announces
         self.done = False  # the whole response was read (the connection went back to the pool, or closed)
+        self.idle_timeout: float | None = None  # the longest silence while a body streams, either way
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -193,13 +200,21 @@ class Connection(asyncio.Protocol):
 
     # used by `request`
     async def send(
-        self, head: bytes, body: AsyncIterator[bytes] | None, chunked: bool, deadline: float | None = None
+        self,
+        head: bytes,
+        body: AsyncIterator[bytes] | None,
+        chunked: bool,
+        answer_within: float | None = None,
+        idle_timeout: float | None = None,
     ) -> Response:
-        """Write the request; return once the answer's headers are in. Past `deadline` (loop time) it fails with
-        UpstreamTimedOut. Only the wait for the answer is timed here: a timer on this connection costs a fraction
-        of `asyncio.timeout` (which measured 6.7 µs per request); the caller times the sending of a body."""
+        """Write the request; return once the answer's headers are in: UpstreamTimedOut when they have not come
+        `answer_within` seconds after the request was sent (its body included, as Envoy times a route). A body is sent
+        with `idle_timeout` as the longest wait for each chunk, from the client or into the upstream (BodyStalled),
+        and the answer's body is read with it as the longest silence (UpstreamTimedOut). A timer on this
+        connection costs a fraction of `asyncio.timeout` (which measured 6.7 µs per request)."""
         assert self.transport is not None  # noqa: S101 - connected by the pool
         self.done = False
+        self.idle_timeout = idle_timeout
         loop = asyncio.get_running_loop()
         self._headers_ready = loop.create_future()
         self._head_bytes = self._head_parsed = 0
@@ -208,31 +223,37 @@ class Connection(asyncio.Protocol):
         self.transport.write(head)
         if body is not None:
             await self._send_body(body, chunked)
-        if deadline is None:
+        if answer_within is None:
             return await self._headers_ready
-        timer = loop.call_at(deadline, self._time_out)
+        timer = loop.call_later(answer_within, self._time_out)
         try:
             return await self._headers_ready
         finally:
             timer.cancel()
 
     async def _send_body(self, body: AsyncIterator[bytes], chunked: bool) -> None:
-        """Write the body to its end, unless the upstream answers first (413, 401...) or goes away: whether waiting
-        on the client's next chunk or on the upstream's socket, the answer is watched for too, and then the rest is
-        not sent. A body cut short leaves the connection unusable for another request."""
+        """Write the body to its end, unless the upstream refuses it first (413, 401: an answer of 400 or more) or
+        goes away: whether waiting on the client's next chunk or on the upstream's socket, the answer is watched
+        for too, and then the rest is not sent. An earlier answer below 400 does not stop the body (RFC 9112 §9.3).
+        A body cut short leaves the connection unusable for another request."""
         assert self.transport is not None and self._headers_ready is not None  # noqa: S101 - set by send
-        answered = self._headers_ready
+        answered: asyncio.Future[Response] | None = self._headers_ready  # None: an answer below 400 came
         chunks = aiter(body)
         while True:
             step: asyncio.Future[bytes] = asyncio.ensure_future(anext(chunks))
             try:
-                await asyncio.wait((step, answered), return_when=asyncio.FIRST_COMPLETED)
+                while not step.done():
+                    await self._wait(step, answered)
+                    if _refused(answered) or self.transport.is_closing():
+                        if step.done():
+                            step.exception()  # retrieved, whatever it holds (StopAsyncIteration: the body ended)
+                        self._keep_alive_vetoed = True
+                        return
+                    if answered is not None and answered.done():
+                        answered = None  # below 400: the body goes on, and the answer is no longer watched for
             finally:
                 if not step.done():
                     step.cancel()
-            if answered.done() or self.transport.is_closing():
-                self._keep_alive_vetoed = True
-                return
             try:
                 chunk = step.result()
             except StopAsyncIteration:
@@ -241,16 +262,28 @@ class Connection(asyncio.Protocol):
                 self.transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
             writable = self._writable
             if writable is not None:
-                await asyncio.wait((writable, answered), return_when=asyncio.FIRST_COMPLETED)
-                if answered.done():
+                await self._wait(writable, answered)
+                if _refused(answered):
                     self._keep_alive_vetoed = True
                     return
-                writable.result()  # UpstreamFailed: the upstream went away without an answer
+                if writable.done():
+                    writable.result()  # UpstreamFailed: the upstream went away without an answer
         if chunked:
             self.transport.write(b"0\r\n\r\n")
 
+    async def _wait(self, step: asyncio.Future[Any], answered: asyncio.Future[Response] | None) -> None:
+        """Until `step` or the answer, for at most idle_timeout: BodyStalled past it."""
+        waiting = (step,) if answered is None else (step, answered)
+        done, _ = await asyncio.wait(waiting, timeout=self.idle_timeout, return_when=asyncio.FIRST_COMPLETED)
+        if not done:
+            raise BodyStalled()
+
     def _time_out(self) -> None:
         self._fail(UpstreamTimedOut("no answer in time"))
+        self.close()
+
+    def _stalled(self) -> None:
+        self._fail(UpstreamTimedOut(f"the answer's body stalled for {self.idle_timeout:g} s"))
         self.close()
 
     async def next_chunk(self) -> bytes | None:
@@ -260,8 +293,17 @@ class Connection(asyncio.Protocol):
             if self._body_done:
                 self._finish()
                 return None
-            self._body_waiter = asyncio.get_running_loop().create_future()
-            await self._body_waiter
+            loop = asyncio.get_running_loop()
+            self._body_waiter = loop.create_future()
+            if self.idle_timeout is None:
+                await self._body_waiter
+                continue
+            # Only when nothing is buffered: an answer that came whole costs no timer.
+            timer = loop.call_later(self.idle_timeout, self._stalled)
+            try:
+                await self._body_waiter
+            finally:
+                timer.cancel()
         chunk = self._body.popleft()
         self._buffered -= len(chunk)
         if self._buffered <= BUFFER_LIMIT // 2 and self.transport is not None and not self.closed:
@@ -301,6 +343,15 @@ class Connection(asyncio.Protocol):
     def _wake_body(self) -> None:
         if self._body_waiter is not None and not self._body_waiter.done():
             self._body_waiter.set_result(None)
+
+
+def _refused(answered: asyncio.Future[Response] | None) -> bool:
+    """The upstream refused the body: it answered 400 or more, or failed."""
+    return (
+        answered is not None
+        and answered.done()
+        and (answered.exception() is not None or answered.result().status >= 400)
+    )
 
 
 class Pools:
@@ -373,15 +424,17 @@ async def request(
     body: AsyncIterator[bytes] | None,
     chunked: bool,
     connect_timeout: float,
-    deadline: float | None = None,
+    answer_within: float | None = None,
+    idle_timeout: float | None = None,
 ) -> tuple[Connection, Response]:
     """Send one request; returns once the response headers are in. The caller reads the body, or closes.
 
-    `deadline` (event loop time) bounds the wait for the answer: UpstreamTimedOut after it."""
+    `answer_within` bounds the wait for the answer once the request is sent, `idle_timeout` each wait while a body
+    streams (Connection.send)."""
     connection = pool.get_idle()
     if connection is not None:
         try:
-            return connection, await connection.send(head, body, chunked, deadline)
+            return connection, await connection.send(head, body, chunked, answer_within, idle_timeout)
         except UpstreamFailed:
             connection.close()
             # A kept-alive connection the upstream had just closed, unanswered: retried only without a body and for
@@ -391,11 +444,11 @@ async def request(
         except BaseException:  # the client's body broke off, or the client went away: a half-sent request
             connection.close()
             raise
-    if deadline is not None:
-        connect_timeout = min(connect_timeout, max(deadline - asyncio.get_running_loop().time(), 0.0))
+    if answer_within is not None:
+        connect_timeout = min(connect_timeout, answer_within)
     connection = await pool.connect(connect_timeout)
     try:
-        return connection, await connection.send(head, body, chunked, deadline)
+        return connection, await connection.send(head, body, chunked, answer_within, idle_timeout)
     except BaseException:
         connection.close()
         raise

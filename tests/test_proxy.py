@@ -87,7 +87,7 @@ routes:
     auth: {{mode: none}}
   - name: impatient
     match: {{path_prefix: /slow}}
-    upstream: {{url: "{up}", timeout: 300ms}}
+    upstream: {{url: "{up}", timeout: 300ms, idle_timeout: 300ms}}
     auth: {{mode: none}}
   - name: open
     match: {{path_prefix: /}}
@@ -596,8 +596,8 @@ async def test_upstream_slower_than_timeout_is_504(
 
 
 async def test_a_client_body_that_stops_arriving_is_408_not_504(gw: RunningGateway) -> None:
-    """The route's timeout ran out while the gateway waited on the client's body: the client is told it was slow
-    (408), not that the upstream was (504)."""
+    """The route's idle_timeout ran out while the gateway waited on the client's body: the client is told it was
+    slow (408), not that the upstream was (504)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", gw.ports.proxy_port)
     try:
         writer.write(b"POST /slow/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhello")  # 5 of 10
@@ -611,22 +611,21 @@ async def test_a_client_body_that_stops_arriving_is_408_not_504(gw: RunningGatew
             await writer.wait_closed()
 
 
-async def test_an_upstream_reading_the_body_too_slowly_is_504_not_408(tmp_path: Path) -> None:
-    """The client sent its whole body at once; the upstream takes it slowly past the route's timeout: the upstream
-    was the slow side (504), even though the gateway stopped reading the client meanwhile."""
+async def test_an_upstream_that_stops_taking_the_body_is_504_not_408(tmp_path: Path) -> None:
+    """The client sent its whole body at once; the upstream takes some and then no more for longer than the route's
+    idle_timeout: the upstream was the stalled side (504), even though the gateway stopped reading the client."""
     handlers: list[asyncio.StreamWriter] = []
+    release = asyncio.Event()
 
     async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         handlers.append(writer)
         with contextlib.suppress(ConnectionError):
-            for _ in range(100_000):
-                if not await reader.read(16 * 1024):
-                    break
-                await asyncio.sleep(0.05)  # a slow upstream (its pace is what is under test)
+            await reader.read(16 * 1024)
+            await release.wait()  # takes nothing more
 
     server = await asyncio.start_server(upstream, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    config = open_route_config(f"http://127.0.0.1:{port}").replace('"}', '", timeout: 1s}', 1)
+    config = open_route_config(f"http://127.0.0.1:{port}").replace('"}', '", timeout: 30s, idle_timeout: 500ms}', 1)
     try:
         async for gw in start_gateway(config, tmp_path):
             size = 16 * 1024 * 1024
@@ -640,9 +639,105 @@ async def test_an_upstream_reading_the_body_too_slowly_is_504_not_408(tmp_path: 
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
     finally:
+        release.set()
         server.close()
         for handler in handlers:
             handler.close()
+
+
+async def test_a_slow_steady_upload_outlives_the_routes_timeout(tmp_path: Path, rich_upstream: RichUpstream) -> None:
+    """The route's timeout is the wait for the answer once the request is sent; a body that keeps arriving is
+    timed only by idle_timeout between its pieces. An upload longer than the timeout used to be cut with 408."""
+    config = open_route_config(rich_upstream.url).replace('"}', '", timeout: 400ms, idle_timeout: 2s}', 1)
+    async for gw in start_gateway(config, tmp_path):
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.ports.proxy_port)
+        pieces = [bytes([65 + i]) * 1000 for i in range(8)]
+        writer.write(b"POST /hash HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % sum(map(len, pieces)))
+        for piece in pieces:  # 8 x 150 ms: three times the route's timeout, never idle for long
+            writer.write(piece)
+            await writer.drain()
+            await asyncio.sleep(0.15)
+        async with asyncio.timeout(10):
+            status, _, body = await read_answer(reader)
+        whole = b"".join(pieces)
+        assert status == 200 and json.loads(body) == {"sha256": hashlib.sha256(whole).hexdigest(), "length": len(whole)}
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+async def test_an_answer_body_that_stalls_is_504_or_cut(tmp_path: Path) -> None:
+    """After its head the upstream sends part of the body and then nothing: past idle_timeout a small answer (not yet
+    begun to the client) is 504, a large one (already streaming) is cut short. It used to hang for as long as the
+    upstream liked."""
+    release = asyncio.Event()
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\nabc" % (10 if small.is_set() else 10_000_000))
+        await writer.drain()
+        await release.wait()
+        writer.close()
+
+    small = asyncio.Event()
+    server = await asyncio.start_server(upstream, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    config = open_route_config(f"http://127.0.0.1:{port}").replace('"}', '", idle_timeout: 300ms}', 1)
+    try:
+        async for gw in start_gateway(config, tmp_path):
+            small.set()
+            status, _, body = await raw_http_request(gw.ports.proxy_port, "GET /a HTTP/1.1\r\nHost: x\r\n")
+            assert (status, json.loads(body)["error"]) == (504, "gateway_timeout")
+            small.clear()
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.ports.proxy_port)
+            writer.write(b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+            async with asyncio.timeout(10):
+                received = await reader.read()  # to EOF: the gateway closes a cut answer
+            head, _, rest = received.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200") and b"Content-Length: 10000000" in head and rest == b"abc"
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+            assert gw.metric("gateway_http_requests_total", route="open", method="GET", code="504") == 2
+    finally:
+        release.set()
+        server.close()
+
+
+async def test_an_early_2xx_answer_does_not_stop_the_upload(tmp_path: Path) -> None:
+    """An upstream may answer 200 before it has read the whole body (it streams while it consumes): only an answer
+    of 400 or more ends the upload (RFC 9112 §9.3). Any early answer used to, so the upstream got half a body."""
+    answered = asyncio.Event()
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        await writer.drain()
+        answered.set()
+        body = await reader.readexactly(length)
+        report = b"got %d bytes, %s" % (len(body), hashlib.sha256(body).hexdigest().encode())
+        writer.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(report), report))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(upstream, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async for gw in start_gateway(open_route_config(f"http://127.0.0.1:{port}"), tmp_path):
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.ports.proxy_port)
+            writer.write(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 2000\r\n\r\n" + b"a" * 1000)
+            async with asyncio.timeout(10):
+                await answered.wait()  # the upstream has answered 200 with half the body in
+                writer.write(b"b" * 1000)
+                status, _, body = await read_answer(reader)
+            expected = hashlib.sha256(b"a" * 1000 + b"b" * 1000).hexdigest().encode()
+            assert (status, body) == (200, b"got 2000 bytes, " + expected)
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+    finally:
+        server.close()
 
 
 async def test_upstream_connect_timeout_is_502(tmp_path: Path, http: aiohttp.ClientSession) -> None:

@@ -216,9 +216,8 @@ async def test_no_answer_by_the_deadline_fails_and_closes_the_connection() -> No
 
     async with RawServer(script) as server:
         pool = upstream.Pool("127.0.0.1", server.port, None)
-        loop = asyncio.get_running_loop()
         with pytest.raises(upstream.UpstreamTimedOut):
-            await upstream.request(pool, head(), None, False, 2, deadline=loop.time() + 0.2)
+            await upstream.request(pool, head(), None, False, 2, answer_within=0.2)
         async with asyncio.timeout(5):
             await upstream_saw_eof.wait()
         assert pool.get_idle() is None
@@ -233,14 +232,13 @@ async def test_an_answer_before_the_deadline_cancels_the_timer() -> None:
 
     async with RawServer(script) as server:
         pool = upstream.Pool("127.0.0.1", server.port, None)
-        loop = asyncio.get_running_loop()
         for _ in range(2):
-            connection, response = await upstream.request(pool, head(), None, False, 2, deadline=loop.time() + 0.05)
+            connection, response = await upstream.request(pool, head(), None, False, 2, answer_within=0.05)
             assert (response.status, await response.read()) == (200, b"ok")
         # Past those deadlines the kept-alive connection is still open and reusable: the timers were cancelled.
         await asyncio.sleep(0.1)  # proves an absence: nothing to wait on but the clock
         assert not connection.closed
-        connection2, response = await upstream.request(pool, head(), None, False, 2, deadline=loop.time() + 1)
+        connection2, response = await upstream.request(pool, head(), None, False, 2, answer_within=1)
         assert connection2 is connection and (response.status, await response.read()) == (200, b"ok")
         pool.close()
 
@@ -334,10 +332,9 @@ async def test_an_upstream_closing_before_the_answers_head_fails_at_once(sent: b
 
     async with RawServer(script) as server:
         pool = upstream.Pool("127.0.0.1", server.port, None)
-        loop = asyncio.get_running_loop()
         async with asyncio.timeout(5):  # not the 30 s deadline: the close itself is the failure
             with pytest.raises(upstream.UpstreamFailed, match="closed"):
-                await upstream.request(pool, head(), None, False, 2, deadline=loop.time() + 30)
+                await upstream.request(pool, head(), None, False, 2, answer_within=30)
 
 
 async def test_switching_protocols_to_a_plain_request_is_a_failure() -> None:
