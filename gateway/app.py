@@ -29,7 +29,7 @@ from gateway.config import (
     StaticKey,
     TokenLocation,
 )
-from gateway.forwarded import Network, client_address
+from gateway.forwarded import Network, client_address, is_trusted
 from gateway.identity import Identity
 from gateway.listener import Request, RequestView
 from gateway.metrics import Metrics, RouteMetrics
@@ -272,7 +272,14 @@ class Handler:
             return
 
         async def forward(route: Route, identity: Identity | None) -> int:
-            await proxy.forward(request, self.runtime.pools, route.upstream, identity, route.metrics.upstream_answered)
+            await proxy.forward(
+                request,
+                self.runtime.pools,
+                route.upstream,
+                identity,
+                route.metrics.upstream_answered,
+                self._via_proxy(request),
+            )
             return request.status
 
         def refuse(exc: errors.GatewayError) -> int:
@@ -299,7 +306,7 @@ class Handler:
                 raise errors.InvalidRequest("not a WebSocket handshake")
             upstream = route.upstream
             target = upstream.target(request.rel_url.raw_path, request.rel_url.raw_query_string)
-            headers = upstream.headers(request, identity)
+            headers = upstream.headers(request, identity, self._via_proxy(request))
             answers.append(await websocket.relay(request, self.runtime.session, upstream, target, headers))
             return answers[-1].status
 
@@ -379,6 +386,11 @@ class Handler:
         if identity.issuer == GATEWAY_ISSUER_NAME and identity.token_id is not None:
             self.runtime.usage.record(identity.token_id, self._client(request), request.headers.get("User-Agent"))
         return identity
+
+    def _via_proxy(self, request: RequestView) -> bool:
+        """The request came through a trusted proxy: its forwarding headers are believed and passed on."""
+        trusted = self.runtime.trusted_proxies
+        return bool(trusted) and is_trusted(request.remote, trusted)
 
     def _client(self, request: RequestView) -> str | None:
         """The client's address, through the trusted proxies in front of the gateway (forwarded.py)."""

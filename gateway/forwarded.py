@@ -18,7 +18,7 @@ MAX_HOPS = 32  # proxies believed in a row, at most: a chain is short, and a cli
 
 def client_address(peer: str | None, forwarded_for: Sequence[str], trusted: Sequence[Network]) -> str | None:
     """The client's address: `peer` unless it is a trusted proxy, then the X-Forwarded-For hop it vouches for."""
-    if not trusted or not _trusted(peer, trusted):
+    if not trusted or not is_trusted(peer, trusted):
         return peer
     client = peer
     for hop in _hops_from_the_right(forwarded_for):
@@ -42,7 +42,7 @@ def _hops_from_the_right(forwarded_for: Sequence[str]) -> Iterator[str]:
             yield hop.strip()
 
 
-def _trusted(peer: str | None, trusted: Sequence[Network]) -> bool:
+def is_trusted(peer: str | None, trusted: Sequence[Network]) -> bool:
     address = _address(peer) if peer is not None else None
     return address is not None and any(address in network for network in trusted)
 

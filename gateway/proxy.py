@@ -112,17 +112,23 @@ class Upstream:
             query = "&".join(pair for pair in query.split("&") if _query_key(pair) != self.credential_name)
         return f"{self.base_path}{path}{'?' + query if query else ''}"
 
-    def headers(self, request: RequestView, identity: Identity | None) -> list[tuple[str, str]]:
+    def headers(
+        self, request: RequestView, identity: Identity | None, via_proxy: bool = False
+    ) -> list[tuple[str, str]]:
         """The request's headers as forwarded, in order. A list, not a CIMultiDict (which cost ~5 % of a request):
         every name set here is one `removed` took out of the client's headers, and identity header names are
-        unique and never one of these (config checks both), so nothing needs replacing."""
+        unique and never one of these (config checks both), so nothing needs replacing.
+
+        From a trusted proxy (`via_proxy`) its X-Forwarded-Proto and -Host are passed on (it terminated TLS, it saw
+        the Host), and the other forwarding headers it sent; from anyone else those are the client's to forge, so
+        Forwarded, X-Forwarded-Port/-Prefix and X-Real-IP are removed and -Proto/-Host are the gateway's own."""
         connection_named = {
             token.strip().lower() for value in request.headers.getall("Connection", ()) for token in value.split(",")
         }
         out: list[tuple[str, str]] = []
         for name, value in request.headers.items():
             lower = name.lower()
-            if lower in self.removed or lower in connection_named:
+            if lower in self.removed or lower in connection_named or (lower in _SPOOFABLE and not via_proxy):
                 continue  # X-Forwarded-For among them: re-added below with this hop appended
             if ("_" in lower or self.removed_has_underscore) and lower.replace("_", "-") in self.removed_dashed:
                 continue  # X_Auth_Subject: an upstream mapping names CGI-style (HTTP_X_AUTH_SUBJECT) would take it
@@ -136,9 +142,11 @@ class Upstream:
         prior = ", ".join(request.headers.getall("X-Forwarded-For", ()))
         remote = request.remote or ""
         out.append(("X-Forwarded-For", f"{prior}, {remote}" if prior else remote))
-        out.append(("X-Forwarded-Proto", request.scheme))
-        if request.host:  # an HTTP/1.0 request may come without Host
-            out.append(("X-Forwarded-Host", request.host))
+        proto = (via_proxy and request.headers.get("X-Forwarded-Proto")) or request.scheme
+        out.append(("X-Forwarded-Proto", proto))
+        host = (via_proxy and request.headers.get("X-Forwarded-Host")) or request.host
+        if host:  # an HTTP/1.0 request may come without Host
+            out.append(("X-Forwarded-Host", host))
         if identity is not None:
             for header, claim in self.identity_headers:
                 text = identity.claim_text(claim)
@@ -167,10 +175,12 @@ async def forward(
     upstream: Upstream,
     identity: Identity | None,
     observe: Callable[[float], None] | None = None,
+    via_proxy: bool = False,
 ) -> None:
     """Send the request upstream and relay the answer; raise UpstreamUnavailable / UpstreamTimeout before any byte
-    is answered. `observe` gets the seconds the upstream took to answer with headers."""
-    headers = upstream.headers(request, identity)
+    is answered. `observe` gets the seconds the upstream took to answer with headers; `via_proxy`: the peer is one
+    of listen.trusted_proxies."""
+    headers = upstream.headers(request, identity, via_proxy)
     # The client holds its body back until told to send it (RFC 9110 §10.1.1); nothing else would tell it (curl
     # waits a second per upload, others for ever). Said only now, once the token has been judged, so a refused
     # upload never crosses the network.
@@ -267,6 +277,10 @@ async def _read(answer: upstream_client.Response) -> bytes:
     except upstream_client.UpstreamTimedOut as exc:  # nothing sent yet: a clean 504
         log.warning("upstream stalled", extra={"error": str(exc)})
         raise errors.UpstreamTimeout() from None
+
+
+# Forwarding headers other than the X-Forwarded-* the gateway sets: believed only from listen.trusted_proxies.
+_SPOOFABLE = frozenset({"forwarded", "x-forwarded-port", "x-forwarded-prefix", "x-forwarded-server", "x-real-ip"})
 
 
 def _under(path: str, prefix: str) -> bool:

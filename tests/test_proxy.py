@@ -166,6 +166,42 @@ async def test_x_forwarded_headers(
     assert values(seen, "X-Forwarded-Host") == ["shop.example:8443"]
 
 
+SPOOFABLE = {
+    "Forwarded": "for=6.6.6.6;proto=https;host=evil.example",
+    "X-Forwarded-Port": "443",
+    "X-Forwarded-Prefix": "/evil",
+    "X-Forwarded-Server": "evil",
+    "X-Real-IP": "6.6.6.6",
+}
+
+
+async def test_forwarding_headers_of_an_untrusted_client_are_removed(
+    gw: RunningGateway, rich_upstream: RichUpstream, http: aiohttp.ClientSession
+) -> None:
+    """Spring, ProxyFix and Express build links and client addresses from these: a client could set them."""
+    async with http.get(f"{gw.url}/echo", headers=SPOOFABLE) as resp:
+        assert resp.status == 200
+    names = {k.decode().lower() for k, _ in rich_upstream.requests[-1]["header_list"]}
+    assert names.isdisjoint(name.lower() for name in SPOOFABLE), names
+
+
+async def test_a_trusted_proxys_forwarding_headers_are_passed_on(
+    rich_upstream: RichUpstream, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """Behind a load balancer that terminated TLS, the upstream must be told https (force-HTTPS redirects looped,
+    secure cookies were refused) and the public host."""
+    config = open_route_config(rich_upstream.url, listen="trusted_proxies: [127.0.0.1/32]")
+    async for gw in start_gateway(config, tmp_path):
+        headers = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "shop.example", "X-Forwarded-For": "203.0.113.9"}
+        async with http.get(f"{gw.url}/echo", headers={**headers, **SPOOFABLE}) as resp:
+            assert resp.status == 200
+        seen = rich_upstream.requests[-1]["header_list"]
+        assert values(seen, "X-Forwarded-Proto") == ["https"] and values(seen, "X-Forwarded-Host") == ["shop.example"]
+        assert values(seen, "X-Forwarded-For") == ["203.0.113.9, 127.0.0.1"]
+        for name, value in SPOOFABLE.items():
+            assert values(seen, name) == [value], name
+
+
 async def test_x_forwarded_for_joins_several_incoming_headers(gw: RunningGateway, rich_upstream: RichUpstream) -> None:
     status, _, _ = await raw_http_request(
         gw.ports.proxy_port,
