@@ -43,6 +43,31 @@ def _one_spelling_each(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return [(first.setdefault(name.lower(), name), value) for name, value in headers]
 
 
+def _refused(status: int, headers: MultiMapping[str]) -> web.Response:
+    """The upstream refused the handshake (401, 403, a redirect to a login page...): its status and headers reach
+    the client, as nginx relays them, rather than a 502 that counted the upstream's refusal as a gateway failure.
+    aiohttp's client has dropped the body; a JSON one says what happened."""
+    kept = [
+        (name, value)
+        for name, value in headers.items()
+        if name.lower() not in _NOT_RELAYED and not name.lower().startswith("sec-websocket-")
+    ]
+    body = {
+        "error": "upgrade_refused",
+        "error_description": f"the upstream answered the WebSocket handshake with {status}",
+    }
+    response = web.json_response(body, status=status)
+    for name, value in kept:
+        response.headers.add(name, value)
+    return response
+
+
+_NOT_RELAYED = frozenset(
+    {"connection", "keep-alive", "transfer-encoding", "upgrade", "content-length", "content-type", "content-encoding",
+     "te", "trailer", "proxy-authenticate", "proxy-connection", "server", "date"}
+)  # fmt: skip
+
+
 async def relay(
     request: web.BaseRequest,
     session: aiohttp.ClientSession,
@@ -68,6 +93,10 @@ async def relay(
                 autoclose=False,
                 max_msg_size=upstream.websocket_max_message + 1,  # aiohttp refuses a message of max_msg_size
             )
+    except aiohttp.WSServerHandshakeError as exc:
+        if exc.status >= 300 and exc.headers is not None:
+            return _refused(exc.status, exc.headers)
+        raise errors.UpstreamUnavailable() from None  # a 1xx or 2xx is no answer to a handshake
     except aiohttp.ClientError:  # before TimeoutError, as in forward()
         raise errors.UpstreamUnavailable() from None
     except TimeoutError:

@@ -331,6 +331,27 @@ async def test_websocket_handshake_that_cannot_complete_is_400_before_upstream(
     assert rich_upstream.requests == []
 
 
+@pytest.mark.parametrize(("path", "status"), [("/status/403", 403), ("/status/401", 401), ("/status/302", 302)])
+async def test_an_upstream_refusing_the_websocket_handshake_is_relayed_not_a_502(
+    gw: RunningGateway, http: aiohttp.ClientSession, path: str, status: int
+) -> None:
+    """The upstream's own refusal (its ACL, its login redirect) reaches the client with its headers; it used to be a
+    502 'upstream unavailable', counted as a gateway failure."""
+    with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+        await http.ws_connect(f"{gw.url}{path}")
+    assert info.value.status == status
+    assert info.value.headers is not None and info.value.headers["X-Upstream"] == "yes"
+    assert gw.metric("gateway_http_requests_total", route="open", method="GET", code=str(status)) == 1
+
+
+async def test_an_upstream_answering_a_websocket_handshake_with_200_is_502(
+    gw: RunningGateway, http: aiohttp.ClientSession
+) -> None:
+    with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+        await http.ws_connect(f"{gw.url}/echo")  # a plain 200: no handshake completed
+    assert info.value.status == 502
+
+
 async def test_upgrade_header_not_named_in_connection_is_a_plain_request(
     gw: RunningGateway, rich_upstream: RichUpstream, http: aiohttp.ClientSession
 ) -> None:
