@@ -392,6 +392,7 @@ class Connection(asyncio.Protocol):
         self._head_bytes = 0
         self._singletons: set[bytes] = set()
         self._parsing: Request | None = None  # the request whose body the parser is reading
+        self._trailers = False  # the head is complete: fields now are a chunked body's trailer
         self._current: Request | None = None  # the request being served
         self._queue: collections.deque[Request] = collections.deque()
         self._task: asyncio.Task[None] | None = None
@@ -507,6 +508,7 @@ class Connection(asyncio.Protocol):
         self._headers = []
         self._head_bytes = 0
         self._singletons.clear()
+        self._trailers = False
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -518,6 +520,10 @@ class Connection(asyncio.Protocol):
         self._head_bytes += size
         if size > self.listener.max_line or self._head_bytes > self.listener.max_line * _HEAD_LINES_FACTOR:
             raise HeadTooLarge("request header too large")
+        if self._trailers:
+            # A trailer field of a chunked body: not a header (RFC 9110 §6.5.1), so no "appears once" rule; it is
+            # dropped (the upstream request is re-framed), only its size counted.
+            return
         if len(self._headers) >= MAX_HEADERS:
             raise HeadTooLarge("too many request headers")
         lower = name.lower()
@@ -529,6 +535,7 @@ class Connection(asyncio.Protocol):
         self._headers.append((name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
 
     def on_headers_complete(self) -> None:
+        self._trailers = True  # any field after this head is a trailer
         parser = self.parser
         method = parser.get_method().decode("ascii", "replace")
         headers = CIMultiDict(self._headers)

@@ -140,6 +140,17 @@ async def test_hop_by_hop_and_connection_named_headers_removed(
     assert values(seen, "X-Kept") == ["kept"]
 
 
+async def test_a_request_trailer_is_no_header_and_is_dropped(gw: RunningGateway, rich_upstream: RichUpstream) -> None:
+    """A trailer field naming a header the head had (Content-Type) was refused as 'appears more than once': a 400
+    mid-forward for a valid chunked upload."""
+    head = "POST /hash HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n"
+    body = b"5\r\nhello\r\n0\r\nContent-Type: text/x\r\nX-Checksum: abc\r\n\r\n"
+    status, _, answer = await raw_http_request(gw.ports.proxy_port, head, body)
+    assert status == 200 and json.loads(answer)["length"] == 5
+    names = {k.decode().lower() for k, _ in rich_upstream.requests[-1]["header_list"]}
+    assert "x-checksum" not in names
+
+
 async def test_upgrade_other_than_websocket_is_not_forwarded(gw: RunningGateway, rich_upstream: RichUpstream) -> None:
     status, _, _ = await raw_http_request(
         gw.ports.proxy_port, "GET /echo HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n"
