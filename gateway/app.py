@@ -211,6 +211,13 @@ def _issuer_keys(
         static: KeySet | None = signer.key_set()
     elif issuer.keys:
         static = KeySet(from_pem_file(k.pem_file, k.kid) for k in issuer.keys)
+        for key, settings in zip(static.keys, issuer.keys, strict=True):
+            if not key.algorithms & set(issuer.algorithms):
+                # No token could ever verify with it: say so at load, not as every token refused.
+                raise ValueError(
+                    f"issuer {issuer.name}: {settings.pem_file} fits {', '.join(sorted(key.algorithms))}, none of "
+                    f"its algorithms ({', '.join(issuer.algorithms)})"
+                )
     elif issuer.hmac_secret_env:
         secret = os.environ.get(issuer.hmac_secret_env, "")
         # RFC 7518 §3.2: a key at least as long as the hash (HS256: 32 bytes, HS384: 48, HS512: 64).

@@ -377,6 +377,30 @@ def test_hmac_secret_must_be_as_long_as_the_hash(monkeypatch: pytest.MonkeyPatch
     assert compile_check(settings) is None
 
 
+def test_a_static_key_no_configured_algorithm_fits_is_refused(tmp_path: Path) -> None:
+    """An RSA key under algorithms [ES256] passed check-config, and then every token was refused."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from gateway.checks import compile_check
+
+    pem = tmp_path / "rsa.pub.pem"
+    public = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()
+    pem.write_bytes(public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    keyed = MINIMAL.replace("jwks_uri: https://idp.test/jwks", f"keys: [{{pem_file: {pem}}}]")
+    settings = configfile.loads(keyed.replace("audiences: [api]", "audiences: [api]\n    algorithms: [ES256]"))
+    assert (
+        compile_check(settings)
+        == f"issuer corp: {pem} fits PS256, PS384, PS512, RS256, RS384, RS512, none of its algorithms (ES256)"
+    )
+    assert (
+        compile_check(
+            configfile.loads(keyed.replace("audiences: [api]", "audiences: [api]\n    algorithms: [RS256, ES256]"))
+        )
+        is None
+    )
+
+
 def test_check_config_refuses_a_route_accepting_two_issuers_of_one_url(tmp_path: Path) -> None:
     """Two issuers may share a URL (an audience per API), but one route cannot accept both: iss cannot tell them
     apart. The gateway's own issuer counts too."""
