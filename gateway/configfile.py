@@ -174,6 +174,9 @@ def _describe(error: Any) -> str:
         message = "unknown field (check the spelling)"
     elif error["type"] == "missing":
         message = "required field is missing"
+    elif error["type"] in ("tuple_type", "list_type", "model_type", "dict_type") and error.get("input") is None:
+        # `issuers:` with every entry commented out is null in YAML
+        message = "empty: give its entries, or remove it (or write [] / {})"
     elif error["type"] == "too_short":  # pydantic says "Tuple should have at least 1 item after validation, not 0"
         least = error["ctx"]["min_length"]
         message = f"needs at least {least} {'entry' if least == 1 else 'entries'}"

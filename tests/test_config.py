@@ -147,6 +147,7 @@ ERROR_CASES = [
     (("match: {path_prefix: /}", "match: {path_prefix: /, host: '::1'}"), "routes[0].match.host"),
     (("issuers: [corp]}", "issuers: [corp], token: {source: header, name: Bad Header}}"), "name must be a token"),
     (("issuers: [corp]}", "issuers: [corp], token: {source: cookie, name: 'a;b'}}"), "name must be a token"),
+    (("issuers:\n", "introspection:\nissuers:\n"), "introspection: empty: give its entries, or remove it"),
     (
         ("issuers: [corp]}", "issuers: [corp], token: {source: header, name: Authorization}}"),
         "use source: authorization",
