@@ -148,6 +148,7 @@ ERROR_CASES = [
     (("issuers: [corp]}", "issuers: [corp], token: {source: header, name: Bad Header}}"), "name must be a token"),
     (("issuers: [corp]}", "issuers: [corp], token: {source: cookie, name: 'a;b'}}"), "name must be a token"),
     (("issuers:\n", "introspection:\nissuers:\n"), "introspection: empty: give its entries, or remove it"),
+    (("match: {path_prefix: /}", "match: {path_prefix: /, methods: [CONNECT]}"), "routes[0].match.methods[0]: Input"),
     (
         ("issuers: [corp]}", "issuers: [corp], token: {source: header, name: Authorization}}"),
         "use source: authorization",
