@@ -162,7 +162,11 @@ async def _pump(
             await sink.close(code=code, message=(message.extra or "").encode())  # a reason fits in 123 bytes
             await source.close(code=code)
             return
-        else:  # CLOSING (the other pump is closing source), CLOSED or ERROR (the connection broke)
+        elif message.type == aiohttp.WSMsgType.CLOSING:
+            # The other pump is closing source, relaying sink's own close: it answers sink with sink's code (RFC 6455
+            # §5.5.1: the reply echoes it). Closing sink here first answered a client's 4001 with 1000.
+            return
+        else:  # CLOSED or ERROR (the connection broke)
             if (
                 message.type == aiohttp.WSMsgType.ERROR
                 and getattr(message.data, "code", None) == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
@@ -172,6 +176,5 @@ async def _pump(
                     "a WebSocket message over websocket_max_message_bytes closed the WebSocket",
                     extra={"sender": "upstream" if towards_client else "client"},
                 )
-            broken = message.type != aiohttp.WSMsgType.CLOSING
-            await sink.close(code=_relayable_close_code(1006 if broken else None, towards_client))
+            await sink.close(code=_relayable_close_code(1006, towards_client))
             return

@@ -305,6 +305,20 @@ async def test_websocket_upstream_close_code_reaches_client(
             assert ws.close_code == 4001
 
 
+async def test_a_clients_close_code_is_echoed_back_to_it(
+    gw: RunningGateway, rich_upstream: RichUpstream, rsa_key: Key, http: aiohttp.ClientSession
+) -> None:
+    """RFC 6455 §5.5.1: the close that answers a close echoes its code. The client closing with 4001 heard 1000."""
+    async with asyncio.timeout(10):
+        ws = await http.ws_connect(f"{gw.url}/ws", headers={"Authorization": f"Bearer {rsa_key.sign()}"})
+        await ws.send_str("hi")
+        assert (await ws.receive()).data == "echo:hi"
+        await ws.close(code=4001)
+        assert ws.close_code == 4001
+        await rich_upstream.ws_closed.wait()
+    assert rich_upstream.ws_close_codes[-1] == 4001, "the upstream heard the client's code"
+
+
 async def test_websocket_without_token_is_401(
     gw: RunningGateway, rich_upstream: RichUpstream, http: aiohttp.ClientSession
 ) -> None:
