@@ -49,6 +49,8 @@ class Mirror:
         if isinstance(store, MemoryStore):
             store.listener = self.apply
             self.synced.set()
+        elif isinstance(store, RedisStore):
+            store.listener = self.apply  # this instance's own writes apply at once (read-your-writes)
         if not multiprocess():  # computed at scrape; in multiprocess mode the sync loop writes it instead
             metrics.revocation_mirror_age.set_function(self.age)
         metrics.store_up.set(1 if self._always_current else 0)
@@ -118,9 +120,12 @@ class Mirror:
         backoff = 0.05
         unforeseen: type[Exception] | None = None  # logged once per streak, with its traceback
         while True:
+            sessions = self.sessions
             try:
                 await self._follow(self.store)
             except Exception as exc:  # a store error, or one not foreseen: either way the mirror must not stop
+                if self.sessions != sessions:  # it had synced: a new failure, not the same one retried
+                    backoff, unforeseen = 0.05, None
                 self._publish_age()
                 if not isinstance(exc, STORE_ERRORS):
                     if type(exc) is not unforeseen:
@@ -143,11 +148,10 @@ class Mirror:
         self._metrics.store_up.set(1 if up else 0)
 
     async def _follow(self, store: RedisStore) -> None:
-        await store.reach()
-        pubsub = store.client.pubsub()
+        """Until the store fails (raises) or, on a cluster, the slot moves to another node (returns)."""
+        pubsub = await store.subscription()
         resync: asyncio.Task[None] | None = None
         try:
-            await pubsub.subscribe(store.channel)
             await self.full_sync()  # after subscribing, so nothing published in between is missed
             self.sessions += 1
             if not self._up:
@@ -166,6 +170,9 @@ class Mirror:
                     self._confirmed, awaiting_pong = ping_sent, False
                     self.heartbeats += 1
                 if not awaiting_pong and now - ping_sent >= self._heartbeat:
+                    if await store.moved(pubsub):
+                        log.info("revocation notices: the cluster slot moved; following it")
+                        return
                     await pubsub.ping()
                     ping_sent, awaiting_pong = now, True
                 elif awaiting_pong and now - ping_sent > max(2.0, 4 * self._heartbeat):
@@ -179,7 +186,7 @@ class Mirror:
         finally:
             if resync is not None and not resync.done():
                 resync.cancel()
-            await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
+            await store.end_subscription(pubsub)
 
 
 Policy = Literal["long_lived", "always", "never"]

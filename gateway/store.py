@@ -30,14 +30,17 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError
 
 from gateway.config import StoreSettings
@@ -211,30 +214,67 @@ class RedisStore:
         self.channel = f"{prefix}revocations"
         self.tokens_key = f"{prefix}tokens"
         self.purge_key = f"{prefix}tokens:purge"
-        self._record_uses = client.register_script(_RECORD_USES)
-        self._set_once = client.register_script(_SET_ONCE)
-        self._revoke = client.register_script(_REVOKE)
-        self._unrevoke = client.register_script(_UNREVOKE)
-        self._keep_minted = client.register_script(_KEEP_MINTED)
-        self._join_family = client.register_script(_JOIN_FAMILY)
+        # Told of this store's own revocation writes once they are made (the mirror, for read-your-writes: its
+        # notice comes back over pub/sub too, but a script's reply can reach the writer first).
+        self.listener: Callable[[str], None] | None = None
 
-    async def reach(self) -> None:
-        """Before subscribing: a cluster client learns (or re-learns, after a failover) which node serves the slot,
-        since its subscription connects to that node; a keyed command does it. A single Redis needs nothing."""
+    async def _eval(self, script: str, keys: list[str], args: Sequence[str | int]) -> Any:
+        """Run a script: EVAL, not EVALSHA, since a cluster's node starts with no scripts after a failover and
+        redis-py then loads them on every primary (failing while any is down). They run on writes only."""
+        return await self.client.eval(script, len(keys), *keys, *args)
+
+    def _told(self, notice: str) -> None:
+        if self.listener is not None:
+            self.listener(notice)
+
+    async def subscription(self) -> PubSub:
+        """A subscription to the notices, on a connection of its own. On a cluster it is to the node serving the
+        slot (the scripts publish there; `owner_moved` tells when that changes), as a plain client: redis-py's
+        cluster subscription borrows from the node's pool, which the cluster client closes on any ClusterDownError
+        and every few MOVED."""
+        if not isinstance(self.client, RedisCluster):
+            pubsub = self.client.pubsub()
+        else:
+            await self.client.exists(self.jti_key)  # learns (or re-learns, after a failover) who serves the slot
+            owner = self.client.get_node_from_key(self.jti_key)
+            if owner is None:
+                raise RedisClusterException("no node serves the slot of store.key_prefix")
+            kwargs = {k: v for k, v in owner.connection_kwargs.items() if k != "event_dispatcher"}
+            pool = aioredis.ConnectionPool(connection_class=owner.connection_class, **kwargs)
+            pubsub = aioredis.Redis.from_pool(pool).pubsub()
+        await pubsub.subscribe(self.channel)
+        return pubsub
+
+    async def end_subscription(self, pubsub: PubSub) -> None:
+        await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
         if isinstance(self.client, RedisCluster):
-            await self.client.exists(self.jti_key)
+            await pubsub.connection_pool.disconnect()  # its own (subscription): nothing else uses it
+
+    async def moved(self, pubsub: PubSub) -> bool:
+        """Whether the slot is no longer served by the node `pubsub` listens on (a reshard, a failover): notices are
+        published on the new one, and reach the old one only over the cluster bus, if at all, while its PONGs go
+        on. A keyed command refreshes who serves the slot (MOVED). Always False for a single Redis."""
+        if not isinstance(self.client, RedisCluster):
+            return False
+        await self.client.exists(self.jti_key)
+        owner = self.client.get_node_from_key(self.jti_key)
+        connection = pubsub.connection
+        return owner is None or connection is None or (connection.host, connection.port) != (owner.host, owner.port)
 
     def _set_of(self, kind: Kind) -> str:
         return self.jti_key if kind == "jti" else self.sub_key
 
     async def add(self, revocation: Revocation) -> None:
         args = [revocation.kind, revocation.member, repr(revocation.until), self.channel, revocation.notice("add")]
-        await self._revoke(keys=[self._set_of(revocation.kind)], args=args)
+        await self._eval(_REVOKE, [self._set_of(revocation.kind)], args)
+        self._told(args[-1])
 
     async def remove(self, kind: Kind, value: str, issuer: str | None) -> bool:
         gone = Revocation(kind, value, 0.0, issuer)
         args = [kind, gone.member, self.channel, gone.notice("remove")]
-        return bool(await self._unrevoke(keys=[self._set_of(kind)], args=args))
+        removed = bool(await self._eval(_UNREVOKE, [self._set_of(kind)], args))
+        self._told(args[-1])
+        return removed
 
     async def snapshot(self) -> Snapshot:
         # Not one MULTI (a cluster's take no keyless commands, and need none here): a change made between the reads
@@ -279,7 +319,7 @@ class RedisStore:
             keys.append(self.family_key(family))
         args: list[str | int] = [jti, int(purge_at) + 1, repr(created_at), repr(purge_at), repr(exp)]
         args += [part for pair in fields.items() for part in pair]
-        await self._keep_minted(keys=keys, args=args)
+        await self._eval(_KEEP_MINTED, keys, args)
 
     async def get_token(self, jti: str) -> dict[str, str] | None:
         raw = await self.client.hgetall(self.token_key(jti))
@@ -309,11 +349,11 @@ class RedisStore:
 
     async def mark_revoked(self, jti: str, at: float, by: str, reason: str) -> WriteOutcome:
         args = ["revoked_at", repr(at), "revoked_by", by, "revoke_reason", reason]
-        return _OUTCOMES[int(await self._set_once(keys=[self.token_key(jti)], args=args))]
+        return _OUTCOMES[int(await self._eval(_SET_ONCE, [self.token_key(jti)], args))]
 
     async def retire_token(self, jti: str, at: float, replaced_by: str) -> WriteOutcome:
         args = ["retired_at", repr(at), "replaced_by", replaced_by]
-        return _OUTCOMES[int(await self._set_once(keys=[self.token_key(jti)], args=args))]
+        return _OUTCOMES[int(await self._eval(_SET_ONCE, [self.token_key(jti)], args))]
 
     async def record_uses(self, uses: Mapping[str, LastUse]) -> None:
         """One script call per USES_PER_CALL tokens (a cluster pipelines no scripts; one call needs no pipeline)."""
@@ -321,11 +361,11 @@ class RedisStore:
         for start in range(0, len(items), USES_PER_CALL):
             batch = items[start : start + USES_PER_CALL]
             args = [part for _, use in batch for part in (repr(use.at), use.client or "", use.user_agent or "")]
-            await self._record_uses(keys=[self.token_key(jti) for jti, _ in batch], args=args)
+            await self._eval(_RECORD_USES, [self.token_key(jti) for jti, _ in batch], args)
 
     async def add_to_family(self, family: str, jti: str, exp: float, until: float) -> None:
         args: list[str | int] = [jti, repr(exp), repr(time.time()), int(until) + 1]
-        await self._join_family(keys=[self.family_key(family)], args=args)
+        await self._eval(_JOIN_FAMILY, [self.family_key(family)], args)
 
     async def family_members(self, family: str, now: float) -> dict[str, float]:
         rows = await self.client.zrangebyscore(self.family_key(family), f"({now!r}", "+inf", withscores=True)
@@ -503,7 +543,10 @@ def _cluster(url: str, prefix: str, options: dict[str, Any]) -> RedisCluster:
         username=unquote(parts.username) if parts.username else None,
         password=unquote(parts.password) if parts.password else None,
         ssl=url.startswith("rediss"),
-        require_full_coverage=False,  # its own slot is all the gateway needs
+        dynamic_startup_nodes=False,  # seeds stay as given: a DNS name (a managed service's endpoint) is kept
+        # One retry: enough to follow a MOVED, where redis-py's default (three, re-learning the slots between) made
+        # a call to a hung node take 22 s instead of 2.
+        retry=Retry(NoBackoff(), 1),
         **options,
     )
 
@@ -534,6 +577,12 @@ def _host_port(text: str, default_port: int) -> tuple[str, int]:
         port = rest.removeprefix(":")
     elif ":" in text:
         host, port = text.rsplit(":", 1)
-    if not host or not (port.isdigit() or port == "") or not 0 < int(port or default_port) < 65536:
+    valid_port = port == "" or (port.isascii() and port.isdigit())
+    if (
+        not host
+        or (":" in host and not text.startswith("["))
+        or not valid_port
+        or not 0 < int(port or default_port) < 65536
+    ):
         raise ValueError("a Redis URL lists a node as host or host:port (IPv6 in brackets), comma-separated")
     return host, int(port or default_port)

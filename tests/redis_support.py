@@ -139,6 +139,24 @@ class PrivateCluster:
             for client in clients.values():
                 client.close()
 
+    def owner_of(self, key: str) -> PrivateRedis:
+        """The node serving `key`'s slot."""
+        client = redis.Redis(port=self.nodes[0].port, socket_timeout=5)
+        try:
+            slot = int(client.execute_command("CLUSTER KEYSLOT", key))
+            ranges = client.execute_command("CLUSTER SLOTS")
+        finally:
+            client.close()
+        port = next(int(r[2][1]) for r in ranges if int(r[0]) <= slot <= int(r[1]))
+        return next(node for node in self.nodes if node.port == port)
+
+    def subscribers(self, port: int, channel: str) -> int:
+        client = redis.Redis(port=port, socket_timeout=5)
+        try:
+            return int(client.execute_command("PUBSUB NUMSUB", channel)[0][1])  # [(channel, count)]
+        finally:
+            client.close()
+
     def _settled(self, client: redis.Redis) -> bool:
         info = client.execute_command("CLUSTER INFO")  # parsed into a dict by redis-py
         return bool(info.get("cluster_state") == "ok" and int(info.get("cluster_known_nodes", 0)) == len(self.nodes))

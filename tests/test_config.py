@@ -249,6 +249,9 @@ def test_a_cluster_url_names_its_seed_nodes_and_credentials() -> None:
     with pytest.raises(configfile.ConfigError) as caught:
         configfile.loads(MINIMAL + 'store: {redis_url: "redis+cluster://:s3cret@h:70000", key_prefix: "{gw}:"}\n')
     assert "s3cret" not in str(caught.value) and "host or host:port" in str(caught.value)
+    for bad in ("redis+cluster://::1", "redis+cluster://h:7\u00b2"):  # IPv6 without brackets; a superscript digit
+        with pytest.raises(configfile.ConfigError, match="host or host:port"):
+            configfile.loads(MINIMAL + f'store: {{redis_url: "{bad}", key_prefix: "{{gw}}:"}}\n')
 
 
 @pytest.mark.parametrize(("change", "expected"), ERROR_CASES)
