@@ -32,7 +32,7 @@ import math
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, cast
 from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
@@ -229,7 +229,7 @@ class RedisStore:
 
     async def subscription(self) -> PubSub:
         """A subscription to the notices, on a connection of its own. On a cluster it is to the node serving the
-        slot (the scripts publish there; `owner_moved` tells when that changes), as a plain client: redis-py's
+        slot (the scripts publish there; `moved` tells when that changes), as a plain client: redis-py's
         cluster subscription borrows from the node's pool, which the cluster client closes on any ClusterDownError
         and every few MOVED."""
         if not isinstance(self.client, RedisCluster):
@@ -246,7 +246,7 @@ class RedisStore:
         return pubsub
 
     async def end_subscription(self, pubsub: PubSub) -> None:
-        await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
+        await cast(Any, pubsub).aclose()  # untyped in some redis-py releases
         if isinstance(self.client, RedisCluster):
             await pubsub.connection_pool.disconnect()  # its own (subscription): nothing else uses it
 
@@ -514,7 +514,8 @@ def connect_redis(settings: StoreSettings) -> RedisClient:
         if not path:
             raise ValueError("a redis+sentinel:// URL must name the service: redis+sentinel://host:26379/mymaster")
         password = unquote(parts.password) if parts.password else None
-        sentinel = Sentinel(hosts, sentinel_kwargs={"password": password}, password=password, **options)  # type: ignore[no-untyped-call]
+        # untyped in some redis-py releases
+        sentinel = cast(Any, Sentinel)(hosts, sentinel_kwargs={"password": password}, password=password, **options)
         db = int(path[1]) if len(path) > 1 else 0
         master: aioredis.Redis = sentinel.master_for(path[0], db=db, ssl=url.startswith("rediss"))
         return master

@@ -817,8 +817,7 @@ async def test_concurrent_revokes_and_uses_lose_no_metadata(store_url: str, key_
 
 
 async def _commandstats(client: aioredis.Redis) -> dict[str, int]:
-    """Calls that ran, per command: a script's first EVALSHA in a process fails NOSCRIPT (then it is loaded), and
-    Redis 7 counts it in both calls and failed_calls."""
+    """Calls that ran, per command (Redis 7 counts a failed call in both calls and failed_calls)."""
     info = await client.info("commandstats")
     return {name.removeprefix("cmdstat_"): int(v["calls"]) - int(v.get("failed_calls", 0)) for name, v in info.items()}
 
