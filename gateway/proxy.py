@@ -49,6 +49,7 @@ class Upstream:
     websocket_max_message: int  # bytes
     identity_headers: tuple[tuple[str, str], ...]
     removed: frozenset[str]  # lower-case request headers never forwarded as sent
+    removed_untrusted: frozenset[str]  # the same, for a request that did not come through a trusted proxy
     removed_dashed: frozenset[str]  # the same with '_' read as '-' (CGI-style upstreams do not tell them apart)
     removed_has_underscore: bool  # a configured name has one: then a client's '-' spelling must be checked too
     credential_source: str | None  # "authorization" | "header" | "cookie" | "query", when it must be removed
@@ -86,6 +87,7 @@ class Upstream:
             websocket_max_message=route.upstream.websocket_max_message_bytes,
             identity_headers=identity,
             removed=frozenset(removed),
+            removed_untrusted=frozenset(removed | _SPOOFABLE),
             removed_dashed=frozenset(name.replace("_", "-") for name in removed),
             removed_has_underscore=any("_" in name for name in removed),
             credential_source=token.source if remove else None,
@@ -126,9 +128,10 @@ class Upstream:
             token.strip().lower() for value in request.headers.getall("Connection", ()) for token in value.split(",")
         }
         out: list[tuple[str, str]] = []
+        removed = self.removed if via_proxy else self.removed_untrusted
         for name, value in request.headers.items():
             lower = name.lower()
-            if lower in self.removed or lower in connection_named or (lower in _SPOOFABLE and not via_proxy):
+            if lower in removed or lower in connection_named:
                 continue  # X-Forwarded-For among them: re-added below with this hop appended
             if ("_" in lower or self.removed_has_underscore) and lower.replace("_", "-") in self.removed_dashed:
                 continue  # X_Auth_Subject: an upstream mapping names CGI-style (HTTP_X_AUTH_SUBJECT) would take it
