@@ -17,7 +17,7 @@ import select
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -223,6 +223,24 @@ async def start_gateway(config: str, tmp_path: Path) -> AsyncIterator[RunningGat
         yield RunningGateway(server, ports, metrics)
     finally:
         await server.stop()
+
+
+async def gateway_to_raw_upstream(
+    upstream: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+    tmp_path: Path,
+    settings: str = "",
+) -> AsyncIterator[RunningGateway]:
+    """start_gateway with one open route to `upstream`, an asyncio stream handler (an upstream that answers byte by
+    byte as a test scripts it) served on a free port; `settings`: more of the route's upstream settings."""
+    server = await asyncio.start_server(upstream, "127.0.0.1", 0)
+    config = open_route_config(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+    if settings:
+        config = config.replace('"}', f'", {settings}}}', 1)
+    try:
+        async for gw in start_gateway(config, tmp_path):
+            yield gw
+    finally:
+        server.close()
 
 
 async def raw_http_request(port: int, head: str, body: bytes = b"") -> tuple[int, dict[str, str], bytes]:

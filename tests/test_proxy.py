@@ -28,6 +28,7 @@ from tests.support import (
     Key,
     RichUpstream,
     RunningGateway,
+    gateway_to_raw_upstream,
     open_route_config,
     pattern_bytes,
     raw_http_request,
@@ -596,10 +597,8 @@ async def test_a_204_is_relayed_without_content_length_and_its_connection_reused
                 await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(upstream, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
     try:
-        async for gw in start_gateway(open_route_config(f"http://127.0.0.1:{port}"), tmp_path):
+        async for gw in gateway_to_raw_upstream(upstream, tmp_path):
             for _ in range(3):
                 reader, writer = await asyncio.open_connection("127.0.0.1", gw.ports.proxy_port)
                 writer.write(b"DELETE /items/1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -611,7 +610,6 @@ async def test_a_204_is_relayed_without_content_length_and_its_connection_reused
                 assert "content-length" not in head and "transfer-encoding" not in head
         assert connections == 1
     finally:
-        server.close()
         for upstream_writer in writers:  # the pooled connection's handler, still reading
             upstream_writer.close()
             with contextlib.suppress(ConnectionError):
@@ -670,11 +668,8 @@ async def test_an_upstream_that_stops_taking_the_body_is_504_not_408(tmp_path: P
             await reader.read(16 * 1024)
             await release.wait()  # takes nothing more
 
-    server = await asyncio.start_server(upstream, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    config = open_route_config(f"http://127.0.0.1:{port}").replace('"}', '", timeout: 30s, idle_timeout: 500ms}', 1)
     try:
-        async for gw in start_gateway(config, tmp_path):
+        async for gw in gateway_to_raw_upstream(upstream, tmp_path, "timeout: 30s, idle_timeout: 500ms"):
             size = 16 * 1024 * 1024
             reader, writer = await asyncio.open_connection("127.0.0.1", gw.ports.proxy_port)
             writer.write(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size)
@@ -687,7 +682,6 @@ async def test_an_upstream_that_stops_taking_the_body_is_504_not_408(tmp_path: P
                 await writer.wait_closed()
     finally:
         release.set()
-        server.close()
         for handler in handlers:
             handler.close()
 
@@ -727,11 +721,8 @@ async def test_an_answer_body_that_stalls_is_504_or_cut(tmp_path: Path) -> None:
         writer.close()
 
     small = asyncio.Event()
-    server = await asyncio.start_server(upstream, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    config = open_route_config(f"http://127.0.0.1:{port}").replace('"}', '", idle_timeout: 300ms}', 1)
     try:
-        async for gw in start_gateway(config, tmp_path):
+        async for gw in gateway_to_raw_upstream(upstream, tmp_path, "idle_timeout: 300ms"):
             small.set()
             status, _, body = await raw_http_request(gw.ports.proxy_port, "GET /a HTTP/1.1\r\nHost: x\r\n")
             assert (status, json.loads(body)["error"]) == (504, "gateway_timeout")
@@ -748,7 +739,6 @@ async def test_an_answer_body_that_stalls_is_504_or_cut(tmp_path: Path) -> None:
             assert gw.metric("gateway_http_requests_total", route="open", method="GET", code="504") == 2
     finally:
         release.set()
-        server.close()
 
 
 async def test_an_early_2xx_answer_does_not_stop_the_upload(tmp_path: Path) -> None:
@@ -768,23 +758,18 @@ async def test_an_early_2xx_answer_does_not_stop_the_upload(tmp_path: Path) -> N
         await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(upstream, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        async for gw in start_gateway(open_route_config(f"http://127.0.0.1:{port}"), tmp_path):
-            reader, writer = await asyncio.open_connection("127.0.0.1", gw.ports.proxy_port)
-            writer.write(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 2000\r\n\r\n" + b"a" * 1000)
-            async with asyncio.timeout(10):
-                await answered.wait()  # the upstream has answered 200 with half the body in
-                writer.write(b"b" * 1000)
-                status, _, body = await read_answer(reader)
-            expected = hashlib.sha256(b"a" * 1000 + b"b" * 1000).hexdigest().encode()
-            assert (status, body) == (200, b"got 2000 bytes, " + expected)
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
-    finally:
-        server.close()
+    async for gw in gateway_to_raw_upstream(upstream, tmp_path):
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.ports.proxy_port)
+        writer.write(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 2000\r\n\r\n" + b"a" * 1000)
+        async with asyncio.timeout(10):
+            await answered.wait()  # the upstream has answered 200 with half the body in
+            writer.write(b"b" * 1000)
+            status, _, body = await read_answer(reader)
+        expected = hashlib.sha256(b"a" * 1000 + b"b" * 1000).hexdigest().encode()
+        assert (status, body) == (200, b"got 2000 bytes, " + expected)
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
 
 
 async def test_upstream_connect_timeout_is_502(tmp_path: Path, http: aiohttp.ClientSession) -> None:
